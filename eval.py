@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint, or a pre-trained model zero-shot, on the dev or test split of any dataset.
+
+    python eval.py --checkpoint out/baseline-embedded-n0.4/best.pt                # its own dataset, test split
+    python eval.py                                                                # embedded tiny CLIP, zero-shot
+    python eval.py --dataset f30k --data-root /data/f30k --pretrained openai      # ViT-B-32 zero-shot
+    python eval.py --dataset coco --data-root /data/coco --checkpoint best.pt     # COCO 5K and 1K (5 folds)
+
+Prints R@1/5/10 image-to-text and text-to-image and their sum (rSum); --json also writes them to a file.
+"""
+import argparse
+import json
+from types import SimpleNamespace
+
+import common
+import data
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", help="a best.pt or last.pt of any script (default: no checkpoint, zero-shot)")
+    p.add_argument("--dataset", choices=data.DATASETS, help="default: the checkpoint's, else embedded")
+    p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data/embedded)")
+    p.add_argument("--split", default="test", choices=("dev", "test"), help="which split (default: test)")
+    p.add_argument("--model", help="open_clip model name (default: the checkpoint's, else nc-tiny / ViT-B-32)")
+    p.add_argument("--pretrained", help="zero-shot weights: open_clip tag or file (default: embedded tiny CLIP / openai)")
+    p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--json", help="also write the recalls to this JSON file")
+    args = p.parse_args()
+
+    ck = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
+    saved = ck["args"] if ck else {}
+    dataset = args.dataset or saved.get("dataset", "embedded")
+    defaults = common.EMBEDDED if dataset == "embedded" else common.REAL
+    cfg = SimpleNamespace(dataset=dataset, data_root=args.data_root or saved.get("data_root"),
+                          model=args.model or saved.get("model") or defaults["model"],
+                          pretrained="none" if ck else args.pretrained or defaults["pretrained"])
+    if cfg.data_root is None:
+        if dataset != "embedded":
+            raise data.UserError(f"--data-root is required for --dataset {dataset}")
+        cfg.data_root = "data/embedded"
+    device = common.setup(SimpleNamespace(device=args.device, seed=0))
+    model, preprocess, tokenizer = common.load_model(cfg, device)
+    if ck:
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise data.UserError(f"{args.checkpoint} does not fit {cfg.model}: {str(e).splitlines()[0][:200]}") from None
+    split = data.load_split(dataset, cfg.data_root, args.split)
+    r = common.evaluate(model, split, preprocess, tokenizer, device, coco_1k=dataset == "coco")
+    what = args.checkpoint or f"{cfg.model} {cfg.pretrained or 'embedded pre-trained'} (zero-shot)"
+    print(f"{what} on {dataset} {args.split} ({len(split.paths)} images, {len(split.captions)} captions)")
+    print(f"{'5K ' if 'coco1k' in r else ''}{common.fmt(r)}")
+    if "coco1k" in r:
+        print(f"1K {common.fmt(r['coco1k'])}")
+    if args.json:
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(r, indent=1).encode()))
+
+
+if __name__ == "__main__":
+    common.run(main)

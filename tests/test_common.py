@@ -1,0 +1,88 @@
+"""Per-sample InfoNCE, the GMM helper, checkpoints, weights resolution and the tiny model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from data import UserError
+
+
+def test_info_nce_matches_a_direct_computation():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8), dim=1), F.normalize(torch.randn(6, 8), dim=1)
+    got = common.info_nce(img, txt, 30.0)
+    assert got.shape == (6,)
+    for i in range(6):
+        i2t = -math.log(math.exp(30 * img[i] @ txt[i]) / sum(math.exp(30 * img[i] @ txt[j]) for j in range(6)))
+        t2i = -math.log(math.exp(30 * txt[i] @ img[i]) / sum(math.exp(30 * txt[i] @ img[j]) for j in range(6)))
+        assert got[i].item() == pytest.approx((i2t + t2i) / 2, rel=1e-4)
+    aligned = common.info_nce(img, img, 30.0)  # matching pairs give a lower loss than random ones
+    assert aligned.mean() < got.mean()
+
+
+def test_gmm_separates_two_clusters():
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([rng.normal(0.5, 0.1, 300), rng.normal(3.0, 0.3, 200)])
+    p = common.gmm_clean_prob(loss)
+    assert (p[:300] > 0.9).all() and (p[300:] < 0.1).all()
+    sim = -loss  # for a similarity the clean component is the higher one
+    assert np.allclose(common.gmm_clean_prob(sim, higher_is_clean=True), p, atol=1e-6)
+
+
+def test_cosine_schedule():
+    lrs = [common.cosine_lr(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    common.save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "epoch": 4, "args": {"lr": 0.1}})
+    ck = common.load_checkpoint(tmp_path / "c.pt")
+    assert ck["epoch"] == 4 and torch.equal(ck["model"]["weight"], model.weight)
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(UserError, match="not found"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        common.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(tmp_path):
+    common.save_checkpoint(tmp_path / "c.pt", {"epoch": 1})
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        common.save_checkpoint(tmp_path / "c.pt", {"epoch": 2, "x": Boom()})
+    assert common.load_checkpoint(tmp_path / "c.pt") == {"epoch": 1}
+
+
+def test_unreachable_weights_fail_fast_in_one_line(monkeypatch):
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(common.socket, "create_connection", no_network)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
+    with pytest.raises(UserError) as e:
+        common.resolve_weights("ViT-B-32", "openai")
+    msg = str(e.value)
+    assert "\n" not in msg and "unreachable" in msg and "--pretrained /path/to/weights" in msg
+    with pytest.raises(UserError, match="neither a file nor a tag"):
+        common.resolve_weights("ViT-B-32", "no-such-tag")
+    assert common.resolve_weights("ViT-B-32", "none") == (None, {})
+
+
+def test_tiny_model_is_registered_and_loads_a_local_file(tmp_path):
+    import open_clip
+    model = open_clip.create_model("nc-tiny")
+    assert model.visual.image_size == (64, 64) and model.context_length == 32
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    path, kwargs = common.resolve_weights("nc-tiny", str(tmp_path / "w.pt"))
+    again = open_clip.create_model("nc-tiny", pretrained=path, **kwargs)
+    assert torch.equal(again.logit_scale, model.logit_scale)

@@ -1,0 +1,152 @@
+"""Noise injection and the dataset loaders, on small folders the tests write themselves."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from data import UserError
+
+
+def _images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, n in enumerate(names):
+        Image.new("RGB", (20, 16), (k * 40 % 255, 0, 0)).save(folder / n)
+
+
+def _split(n_img, caps=5):
+    owner = np.repeat(np.arange(n_img), caps)
+    return data.Split([f"{i}.png" for i in range(n_img)], [f"caption {k}" for k in range(len(owner))], owner)
+
+
+# ---- noise
+@pytest.mark.parametrize("noise", [0.0, 0.2, 0.4, 0.8])
+def test_noise_rate_mask_and_permutation(tmp_path, noise):
+    split = _split(200)
+    noisy, is_noisy = data.inject_noise(split, noise, seed=0, cache_file=tmp_path / "n.npy")
+    src = np.load(tmp_path / "n.npy")
+    assert sorted(src) == list(range(1000))  # a permutation: every caption is kept exactly once
+    assert (src != np.arange(1000)).sum() <= round(noise * 1000)  # only the chosen slots move
+    assert noisy.captions == [split.captions[j] for j in src]
+    assert np.array_equal(is_noisy, split.img_of_cap[src] != split.img_of_cap)  # the mask is the truth
+    assert abs(is_noisy.mean() - noise) < 0.03  # few shuffled captions land back on their own image
+
+
+def test_noise_is_deterministic_and_cached_whole(tmp_path):
+    split = _split(100)
+    _, a = data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")
+    _, b = data.inject_noise(split, 0.4, 0, tmp_path / "b.npy")
+    _, c = data.inject_noise(split, 0.4, 1, tmp_path / "c.npy")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert not list(tmp_path.glob("*.tmp"))
+    np.save(tmp_path / "a.npy", np.arange(7))  # a cache of the wrong length is rebuilt, not trusted
+    _, d = data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")
+    assert np.array_equal(a, d) and len(np.load(tmp_path / "a.npy")) == 500
+
+
+@pytest.mark.parametrize("noise", [-0.1, 1.0, 1.5])
+def test_noise_outside_unit_interval_is_refused(tmp_path, noise):
+    with pytest.raises(UserError, match="--noise"):
+        data.inject_noise(_split(10), noise, 0, tmp_path / "n.npy")
+    assert not (tmp_path / "n.npy").exists()
+
+
+# ---- loaders
+def test_karpathy_flickr_layout(tmp_path):
+    images = [{"filename": f"{i}.jpg", "split": s, "sentences": [{"raw": f"img {i} cap {k} "} for k in range(5 + (i == 0))]}
+              for i, s in enumerate(["train", "train", "val", "test", "test"])]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    _images(tmp_path / "flickr30k-images", [f"{i}.jpg" for i in range(5)])
+    train = data.load_split("f30k", tmp_path, "train")
+    assert len(train.paths) == 2 and len(train.captions) == 10  # 6 captions of image 0 cut to 5
+    assert train.captions[5] == "img 1 cap 0" and list(train.img_of_cap) == [0] * 5 + [1] * 5
+    assert train.paths[1].endswith("flickr30k-images/1.jpg")
+    test = data.load_split("f30k", tmp_path, "test")
+    assert len(test.paths) == 2 and test.captions[0] == "img 3 cap 0"
+    assert len(data.load_split("f30k", tmp_path, "dev").paths) == 1
+
+
+def test_karpathy_coco_layout_with_filepath_and_restval(tmp_path):
+    images = [{"filepath": fp, "filename": f"{k}.jpg", "split": s, "sentences": [{"raw": f"c{k}{j}"} for j in range(5)]}
+              for k, (fp, s) in enumerate([("train2014", "train"), ("val2014", "restval"), ("val2014", "test")])]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    _images(tmp_path / "images" / "train2014", ["0.jpg"])
+    _images(tmp_path / "images" / "val2014", ["1.jpg", "2.jpg"])
+    train = data.load_split("coco", tmp_path, "train")
+    assert [p.split("images/")[1] for p in train.paths] == ["train2014/0.jpg", "val2014/1.jpg"]
+
+
+def _scan(root, dataset, ids_per_caption):
+    d = root / "annotations" / "scan_split"
+    d.mkdir(parents=True)
+    caps_per = 1 if dataset == "cc120k" else 5
+    ids = {"train": ["7", "3", "9"], "dev": ["4"], "test": ["5", "8"]}
+    for split, img_ids in ids.items():
+        (d / f"{split}_caps.txt").write_text("".join(f"{i} says {k}\n" for i in img_ids for k in range(caps_per)))
+        lines = [i for i in img_ids for _ in range(caps_per if ids_per_caption else 1)]
+        (d / f"{split}_ids.txt").write_text("\n".join(lines) + "\n")
+    names = {"f30k": [f"f{i}.jpg" for i in range(10)], "coco": [f"COCO_2014_{i:012d}.jpg" for i in range(10)],
+             "cc120k": [f"{i}.jpg" for i in range(10)]}[dataset]
+    if dataset == "f30k":
+        (d / "image_name.txt").write_text("\n".join(names) + "\n")
+    _images(root / "images", names)
+
+
+@pytest.mark.parametrize("dataset,ids_per_caption", [("f30k", False), ("f30k", True), ("coco", True), ("cc120k", True)])
+def test_scan_layout(tmp_path, dataset, ids_per_caption):
+    _scan(tmp_path, dataset, ids_per_caption)
+    train = data.load_split(dataset, tmp_path, "train")
+    caps_per = 1 if dataset == "cc120k" else 5
+    assert len(train.paths) == 3 and len(train.captions) == 3 * caps_per
+    assert train.captions[caps_per] == "3 says 0"  # images keep the order of the ids file
+    name = {"f30k": "f3.jpg", "coco": "COCO_2014_000000000003.jpg", "cc120k": "3.jpg"}[dataset]
+    assert train.paths[1].endswith(f"images/{name}")
+    assert list(train.img_of_cap) == list(np.repeat([0, 1, 2], caps_per))
+
+
+def test_custom_karpathy_json(tmp_path):
+    images = [{"filename": "a.png", "split": "test", "sentences": [{"raw": "x"}, {"raw": "y"}]}]
+    (tmp_path / "dataset_mine.json").write_text(json.dumps({"images": images}))
+    _images(tmp_path / "images", ["a.png"])
+    split = data.load_split("custom", tmp_path, "test")
+    assert split.captions == ["x", "y"] and list(split.img_of_cap) == [0, 0]
+
+
+def test_embedded_is_generated_in_karpathy_layout(tmp_path):
+    data.ensure_embedded(tmp_path, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
+    meta = json.loads((tmp_path / "dataset_embedded.json").read_text())
+    assert [im["split"] for im in meta["images"]].count("val") == 3
+    for split, n in (("pretrain", 6), ("train", 5), ("dev", 3), ("test", 4)):
+        s = data.load_split("embedded", tmp_path, split)
+        assert len(s.paths) == n and len(s.captions) == 5 * n
+        assert all(len(set(s.captions[5 * i:5 * i + 5])) >= 3 for i in range(n))  # paraphrases, not copies
+    pre = [o for im in meta["images"] if im["split"] == "pretrain" for o in im["objects"]]
+    assert not {(o["colour"], o["shape"]) for o in pre} & data.HELD_OUT
+    again = tmp_path / "again"
+    data.ensure_embedded(again, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
+    assert (again / "dataset_embedded.json").read_text() == (tmp_path / "dataset_embedded.json").read_text()
+    assert (again / "images" / "train_00002.png").read_bytes() == (tmp_path / "images" / "train_00002.png").read_bytes()
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        data.load_split("f30k", tmp_path / "nope", "train")
+    with pytest.raises(UserError, match="unknown dataset"):
+        data.load_split("imagenet", tmp_path, "train")
+    with pytest.raises(UserError, match="neither"):
+        data.load_split("f30k", tmp_path, "train")
+    (tmp_path / "dataset_flickr30k.json").write_text("{not json")
+    with pytest.raises(UserError, match="Karpathy"):
+        data.load_split("f30k", tmp_path, "train")
+    images = [{"filename": f"{i}.jpg", "split": "train", "sentences": [{"raw": "c"}]} for i in range(3)]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    _images(tmp_path / "images", ["0.jpg", "1.jpg"])
+    with pytest.raises(UserError, match="1 image.*missing.*2.jpg"):
+        data.load_split("f30k", tmp_path, "train")
+    (tmp_path / "images" / "2.jpg").write_bytes(b"not a jpeg")
+    split = data.load_split("f30k", tmp_path, "train")
+    with pytest.raises(UserError, match="cannot read image .*2.jpg"):
+        data.load_image(split.paths[2], lambda im: im)
+    assert data.load_image(split.paths[0], lambda im: im.size) == (20, 16)
