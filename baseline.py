@@ -20,6 +20,7 @@ Deviations, and why:
   - --clean-only keeps the number of epochs, so it takes fewer steps than the noisy run.
 Embedded defaults (measured, see README): batch 128, lr 5e-4, 50 warm-up steps, 3 epochs.
 """
+import sys
 import time
 
 import numpy as np
@@ -27,39 +28,60 @@ import torch
 
 import common
 import data
+import embedded
+
+# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL)
+parser = common.Parser(__doc__)
+parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
+parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
+parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
+parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise permutation (apart from --seed)")
+parser.add_argument("--model", help="open_clip model name (nc-tiny: the embedded CPU model)")
+parser.add_argument("--pretrained", help="open_clip tag (openai), a local weights file, or none")
+parser.add_argument("--epochs", type=int, help="training epochs")
+parser.add_argument("--batch-size", type=int, help="pairs per optimiser step, over all processes")
+parser.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+parser.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+parser.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (official: 0.2)")
+parser.add_argument("--seed", type=int, default=99, help="training seed (official: 99)")
+parser.add_argument("--workers", type=int, help="DataLoader worker processes")
+parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
+parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+parser.add_argument("--clean-only", action="store_true", help="train on the truly clean pairs only (the upper bound)")
 
 
 def main():
-    p = common.parser(__doc__)
-    p.add_argument("--clean-only", action="store_true", help="train on the truly clean pairs only (upper bound)")
-    args = common.parse(p, "baseline")
-    method = "baseline-clean" if args.clean_only else "baseline"
+    method = "baseline-clean" if "--clean-only" in sys.argv else "baseline"
+    args = common.parse(parser, method)
 
     # ---- setup
     device = common.setup(args)
-    log = common.Log(args.out_dir)
+    log = common.logger(args.out_dir)
     log(f"{method}: {vars(args)}")
+    if args.dataset == "embedded" and args.pretrained is None:
+        args.pretrained = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
 
-    # ---- data
-    model, preprocess, tokenizer = common.load_model(args, device, log)
+    # ---- data, then the pre-trained model (its preprocessing and tokenizer make the samples)
     train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
     dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
+    model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
     pairs = data.Pairs(train, preprocess, tokenizer)
     if args.clean_only:
         pairs = torch.utils.data.Subset(pairs, np.flatnonzero(~is_noisy).tolist())
-    loader = common.loader(pairs, args)
+    loader = data.loader(pairs, args.batch_size, args.workers, args.seed)
     if len(loader) == 0:
         raise data.UserError(f"{len(pairs)} training pairs make no full batch of {args.batch_size}")
 
     # ---- model and optimiser
     opt = common.optimizer(model, args.lr, args.wd)
-    net = common.wrap(model, device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
     total = args.epochs * len(loader)
     start, best, history = common.resume(args, method, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
-        history.append(dict(epoch=0, dev=common.evaluate(model, dev, preprocess, tokenizer, device)))
+        history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
     else:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}")
@@ -70,21 +92,21 @@ def main():
         loader.sampler.set_epoch(epoch)
         t0, losses = time.time(), []
         for i, (images, tokens, _) in enumerate(loader):
-            common.set_lr(opt, common.cosine_lr(epoch * len(loader) + i, total, args.warmup, args.lr))
+            common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
             with common.autocast(device):
                 img, txt, scale = net(images.to(device), tokens.to(device))
                 loss = common.info_nce(img, txt, scale).mean()
             common.train_step(net, opt, loss)
             losses.append(loss.item())
         dev_r = common.evaluate(model, dev, preprocess, tokenizer, device)
-        history.append(dict(epoch=epoch + 1, loss=float(np.mean(losses)), time_s=time.time() - t0, dev=dev_r))
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": time.time() - t0, "dev": dev_r})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}  time {time.time() - t0:5.1f}s  "
             f"dev {common.fmt(dev_r)}")
         best = common.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
     common.finish(args, method, model, test, preprocess, tokenizer, device, log, history,
-                  extra=dict(noise_rate=float(is_noisy.mean())))
+                  extra={"noise_rate": float(is_noisy.mean())})
 
 
 if __name__ == "__main__":

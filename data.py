@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.distributed as dist
+from PIL import Image
 
 
 class UserError(Exception):
@@ -36,121 +37,6 @@ DATASETS = ("embedded", "f30k", "coco", "cc120k", "custom")
 JSON_NAMES = {"embedded": "dataset_embedded.json", "f30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
 KARPATHY_SPLITS = {"train": ("train", "restval"), "dev": ("val", "dev"), "test": ("test",), "pretrain": ("pretrain",)}
 MAX_CAPS = 5  # captions kept per image (COCO has a few images with 6 or 7; the protocol uses 5)
-
-# ---------------------------------------------------------------------------------------------------------
-# The embedded dataset: shapes with attributes on 64 px images, 5 paraphrased captions each.
-# Pre-training split: half plain backgrounds, mostly terse alt-text captions, 12 colour-shape pairs held out.
-# train/dev/test: textured backgrounds, full captions with synonyms. The shift is what fine-tuning learns.
-SHAPES = {"circle": ("circle", "disc", "round shape"), "square": ("square", "box", "block"),
-          "triangle": ("triangle", "wedge", "three-sided shape"), "diamond": ("diamond", "rhombus", "lozenge"),
-          "hexagon": ("hexagon", "six-sided shape", "honeycomb cell"), "star": ("star", "five-pointed star", "starburst")}
-COLOURS = {"red": ((215, 35, 35), ("red", "crimson", "scarlet")), "green": ((35, 175, 60), ("green", "emerald", "leafy")),
-           "blue": ((40, 80, 225), ("blue", "azure", "cobalt")), "yellow": ((240, 225, 40), ("yellow", "golden", "lemon")),
-           "purple": ((140, 50, 185), ("purple", "violet", "plum")), "orange": ((250, 140, 20), ("orange", "amber", "tangerine")),
-           "pink": ((250, 125, 190), ("pink", "rose", "salmon")), "cyan": ((50, 215, 225), ("cyan", "turquoise", "aqua"))}
-SIZES = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
-POSITIONS = (("top left", "upper left"), ("top", "top middle"), ("top right", "upper right"), ("left", "middle left"),
-             ("center", "middle"), ("right", "middle right"), ("bottom left", "lower left"), ("bottom", "bottom middle"),
-             ("bottom right", "lower right"))
-TEMPLATES = ("{}", "a picture of {}", "an image showing {}", "there is {}", "{} on a patterned background", "a photo with {}")
-PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
-HELD_OUT = {PAIRS[i] for i in np.random.default_rng(0).choice(len(PAIRS), 12, replace=False)}  # never in pre-training
-EMBEDDED_SIZES = {"pretrain": 10000, "train": 4000, "dev": 1000, "test": 1000}
-SPLIT_IDS = {"pretrain": 0, "train": 1, "dev": 2, "test": 3}
-
-
-def _article(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _caption(objs, rng, terse):
-    """One caption of objs [(shape, colour, size, pos)]: terse alt-text, or a full paraphrase."""
-    if terse:
-        return ", ".join(f"{c} {s}" for s, c, _, _ in objs)
-    keep = list(rng.permutation(len(objs)))
-    if len(objs) > 1 and rng.random() < 0.3:
-        keep = keep[1:]  # drop one object: captions of web data are partial
-    phrases = []
-    for s, c, z, p in (objs[i] for i in keep):
-        words = [rng.choice(SIZES[z])] if rng.random() < 0.5 else []
-        words += [rng.choice(COLOURS[c][1]), rng.choice(SHAPES[s])]
-        if rng.random() < 0.5:
-            words.append(f"{rng.choice(['in the', 'at the'])} {rng.choice(POSITIONS[p])}")
-        phrases.append(_article(" ".join(words)))
-    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return rng.choice(TEMPLATES).format(listed)
-
-
-def _render(objs, rng, textured, size=128, out=64):
-    """Draw objs at `size` px on a plain or textured background, downsampled to `out` px (PIL image)."""
-    base = rng.integers(60, 125) + rng.integers(-20, 21, 3)  # a muted, nearly grey background
-    if textured:
-        yy, xx = np.mgrid[:size, :size]
-        stripes = ((xx * rng.integers(-1, 2) + yy * rng.integers(1, 3)) // rng.integers(4, 10)) % 2
-        arr = base + stripes[..., None] * rng.integers(-35, 36, 3) + rng.normal(0, 10, (size, size, 3))
-    else:
-        arr = np.broadcast_to(base, (size, size, 3))
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for s, c, z, p in objs:
-        cx, cy = (np.array([p % 3, p // 3]) + 0.5) * size / 3 + rng.integers(-4, 5, 2)
-        r = (10 if z == "small" else 18) + rng.integers(-1, 2)
-        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[c][0]) + rng.integers(-25, 26, 3), 0, 255))
-        if s == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif s == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif s == "star":
-            ang = np.pi * np.arange(10) / 5 - np.pi / 2
-            rad = np.where(np.arange(10) % 2 == 0, r * 1.2, r * 0.5)
-            draw.polygon(list(zip(cx + rad * np.cos(ang), cy + rad * np.sin(ang))), fill=fill)
-        else:
-            sides, rot = {"triangle": (3, 0), "diamond": (4, 45), "hexagon": (6, 0)}[s]
-            draw.regular_polygon((cx, cy, r * 1.15), sides, rotation=rot, fill=fill)
-    return img.resize((out, out), Image.LANCZOS)
-
-
-def _make_image(split, i, seed):
-    """Objects, image and 5 distinct captions of image i of a split; deterministic in (seed, split, i)."""
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
-    pairs = [q for q in PAIRS if split != "pretrain" or q not in HELD_OUT]
-    objs = [(pairs[k][1], pairs[k][0], rng.choice(list(SIZES)), int(p))
-            for k, p in zip(rng.choice(len(pairs), 3), rng.choice(9, 3, replace=False))][:rng.integers(2, 4)]
-    pretrain = split == "pretrain"
-    img = _render(objs, rng, textured=not pretrain or rng.random() < 0.5)
-    caps = []
-    for _ in range(50):  # paraphrases until 5 distinct ones (a 2-object image has fewer variants)
-        cap = _caption(objs, rng, terse=pretrain and rng.random() < 0.7)
-        if cap not in caps:
-            caps.append(cap)
-        if len(caps) == MAX_CAPS:
-            break
-    caps += [caps[-1]] * (MAX_CAPS - len(caps))
-    return objs, img, caps
-
-
-def ensure_embedded(root, sizes=None, seed=0):
-    """Generate the embedded dataset under root in the Karpathy layout, unless its JSON is already there.
-
-    The JSON is written last and atomically, so a half-generated folder is never taken for a finished one.
-    """
-    root = Path(root)
-    if (root / JSON_NAMES["embedded"]).exists():
-        return
-    sizes = sizes or EMBEDDED_SIZES
-    print(f"generating the embedded dataset in {root} ({sizes}) ...", flush=True)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for split, n in sizes.items():
-        for i in range(n):
-            objs, img, caps = _make_image(split, i, seed)
-            name = f"{split}_{i:05d}.png"
-            img.save(root / "images" / name)
-            records.append({"filename": name, "split": "val" if split == "dev" else split, "imgid": len(records),
-                            "sentences": [{"raw": c} for c in caps],
-                            "objects": [dict(zip(("shape", "colour", "size", "position"), o)) for o in objs]})
-    atomic_write(root / JSON_NAMES["embedded"], lambda f: f.write(json.dumps({"dataset": "embedded", "images": records}).encode()))
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Loaders
@@ -255,6 +141,14 @@ def load_image(path, preprocess):
             return preprocess(im.convert("RGB"))
     except OSError as e:
         raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e})") from None
+
+
+def loader(ds, batch_size, workers, seed):
+    """Shuffled training batches, batch_size / W pairs in each of W processes; the order depends on (seed, epoch) only."""
+    w, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    sampler = torch.utils.data.DistributedSampler(ds, w, r, shuffle=True, seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(ds, batch_size // w, sampler=sampler, num_workers=workers, drop_last=True,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
 class Pairs(torch.utils.data.Dataset):

@@ -7,16 +7,16 @@
 
 Prints R@1/5/10 image-to-text and text-to-image and their sum (rSum); --json also writes them to a file.
 """
-import argparse
 import json
 from types import SimpleNamespace
 
 import common
 import data
+import embedded
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.Parser(__doc__)
     p.add_argument("--checkpoint", help="a best.pt or last.pt of any script (default: no checkpoint, zero-shot)")
     p.add_argument("--dataset", choices=data.DATASETS, help="default: the checkpoint's, else embedded")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data/embedded)")
@@ -39,7 +39,9 @@ def main():
             raise data.UserError(f"--data-root is required for --dataset {dataset}")
         cfg.data_root = "data/embedded"
     device = common.setup(SimpleNamespace(device=args.device, seed=0))
-    model, preprocess, tokenizer = common.load_model(cfg, device)
+    if dataset == "embedded" and cfg.pretrained is None:
+        cfg.pretrained = embedded.prepare(cfg.data_root, device)
+    model, preprocess, tokenizer = common.load_model(cfg.model, cfg.pretrained, device, log=print if ck is None else lambda line: None)
     if ck:
         try:
             model.load_state_dict(ck["model"])

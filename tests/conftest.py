@@ -9,8 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import data  # noqa: E402
+from embedded import ensure_embedded, pretrain_tiny
 
 SMALL = {"pretrain": 600, "train": 240, "dev": 100, "test": 100}
 
@@ -19,11 +18,11 @@ SMALL = {"pretrain": 600, "train": 240, "dev": 100, "test": 100}
 def embedded(tmp_path_factory):
     """Folder with a small embedded dataset and nc-tiny-pretrained.pt (150 steps) in it."""
     root = tmp_path_factory.mktemp("embedded")
-    data.ensure_embedded(root, SMALL)
-    common.pretrain_tiny(root, torch.device("cpu"), steps=150, batch_size=64, warmup=15)
+    ensure_embedded(root, SMALL)
+    pretrain_tiny(root, torch.device("cpu"), steps=150, batch_size=64, warmup=15)
     return root
 
 
 def run_script(*argv, env=None):
     """Run a project script in a subprocess; returns the CompletedProcess (text, output captured)."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False)

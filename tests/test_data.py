@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+import embedded
 from data import UserError
 
 
@@ -115,7 +116,7 @@ def test_custom_karpathy_json(tmp_path):
 
 
 def test_embedded_is_generated_in_karpathy_layout(tmp_path):
-    data.ensure_embedded(tmp_path, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
+    embedded.ensure_embedded(tmp_path, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
     meta = json.loads((tmp_path / "dataset_embedded.json").read_text())
     assert [im["split"] for im in meta["images"]].count("val") == 3
     for split, n in (("pretrain", 6), ("train", 5), ("dev", 3), ("test", 4)):
@@ -123,9 +124,9 @@ def test_embedded_is_generated_in_karpathy_layout(tmp_path):
         assert len(s.paths) == n and len(s.captions) == 5 * n
         assert all(len(set(s.captions[5 * i:5 * i + 5])) >= 3 for i in range(n))  # paraphrases, not copies
     pre = [o for im in meta["images"] if im["split"] == "pretrain" for o in im["objects"]]
-    assert not {(o["colour"], o["shape"]) for o in pre} & data.HELD_OUT
+    assert not {(o["colour"], o["shape"]) for o in pre} & embedded.HELD_OUT
     again = tmp_path / "again"
-    data.ensure_embedded(again, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
+    embedded.ensure_embedded(again, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
     assert (again / "dataset_embedded.json").read_text() == (tmp_path / "dataset_embedded.json").read_text()
     assert (again / "images" / "train_00002.png").read_bytes() == (tmp_path / "images" / "train_00002.png").read_bytes()
 

@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from conftest import run_script
 
 import baseline
 import common
-from conftest import run_script
 
 FAST = ["--epochs", "2", "--batch-size", "48", "--warmup", "5", "--lr", "5e-4"]
 
@@ -82,13 +82,16 @@ def _fails_in_one_line(p, *words):
     (["--noise", "-0.1"], ["--noise must be in [0, 1)"]),
     (["--pretrained", "/no/such/weights.pt"], ["neither a file nor a tag"]),
 ])
-def test_bad_input_gives_one_line_error(argv, words, tmp_path):
-    _fails_in_one_line(run_script("baseline.py", "--out-dir", tmp_path / "o", *argv), *words)
+def test_bad_input_gives_one_line_error(argv, words, embedded, tmp_path):
+    root = [] if "--data-root" in argv or "--dataset" in argv else ["--data-root", embedded]
+    _fails_in_one_line(run_script("baseline.py", "--out-dir", tmp_path / "o", *root, *argv), *words)
 
 
-def test_unknown_dataset_is_refused_by_argparse():
-    p = run_script("baseline.py", "--dataset", "imagenet")
-    assert p.returncode == 2 and "invalid choice: 'imagenet'" in p.stderr
+@pytest.mark.parametrize("script", ["baseline.py", "eval.py"])
+def test_unknown_dataset_or_bad_flag_value_is_one_line(script):
+    _fails_in_one_line(run_script(script, "--dataset", "imagenet"), "--dataset", "invalid choice: 'imagenet'")
+    _fails_in_one_line(run_script(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x"),
+                       "invalid")
 
 
 def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
@@ -107,4 +110,4 @@ def test_resume_from_another_method_or_nothing_is_refused(finished, tmp_path):
     out, _ = finished
     _fails_in_one_line(run_script("baseline.py", "--resume", "--out-dir", tmp_path), "last.pt not found")
     _fails_in_one_line(run_script("baseline.py", "--resume", "--clean-only", "--out-dir", out),
-                       "baseline checkpoint", "not baseline-clean")
+                       "last.pt is not a baseline-clean checkpoint of nc-tiny")

@@ -1,0 +1,167 @@
+"""The embedded setting: a generated image-caption dataset, and a tiny CLIP pre-trained on its own clean split.
+
+It mirrors the real setting, fine-tuning a *pre-trained* CLIP on noisy pairs, at a size that runs on 2 CPU cores:
+  - images: 2-3 shapes (6 shapes x 8 colours, 2 sizes, a 3x3 grid of positions), drawn at 128 px, kept at 64 px;
+  - captions: 5 per image, naming the objects in random order, sometimes leaving one out, with synonyms,
+    several templates, and size and position words half the time;
+  - splits: pretrain 10,000 images, train 4,000, dev 1,000, test 1,000, written in the Karpathy JSON layout
+    (dataset_embedded.json + images/), so data.py's real loader reads them;
+  - the domain shift that fine-tuning learns: the pretrain split has plain backgrounds half the time, terse
+    alt-text captions 70% of the time ("red circle, blue star"), and never shows 12 of the 48 colour-shape pairs;
+  - nc-tiny (common.py) pre-trained on the pretrain split is the embedded `--pretrained`, as 'openai' is for real data.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import common
+import data
+
+SHAPES = {"circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle", "wedge"),
+          "diamond": ("diamond", "rhombus"), "hexagon": ("hexagon", "honeycomb"), "star": ("star", "starlet")}
+COLOURS = {"red": ((215, 35, 35), ("red", "crimson")), "green": ((35, 175, 60), ("green", "emerald")),
+           "blue": ((40, 80, 225), ("blue", "azure")), "yellow": ((240, 225, 40), ("yellow", "golden")),
+           "purple": ((140, 50, 185), ("purple", "violet")), "orange": ((250, 140, 20), ("orange", "amber")),
+           "pink": ((250, 125, 190), ("pink", "rose")), "cyan": ((50, 215, 225), ("cyan", "turquoise"))}
+SIZES = {"small": ("small", "little"), "large": ("large", "big")}
+POSITIONS = (("top left", "upper left"), ("top", "top middle"), ("top right", "upper right"), ("left", "middle left"),
+             ("center", "middle"), ("right", "middle right"), ("bottom left", "lower left"), ("bottom", "bottom middle"),
+             ("bottom right", "lower right"))
+TEMPLATES = ("{}", "a picture of {}", "an image showing {}", "there is {}", "{} on a patterned background", "a photo with {}")
+PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
+HELD_OUT = {PAIRS[i] for i in np.random.default_rng(0).choice(len(PAIRS), 12, replace=False)}  # never in pre-training
+EMBEDDED_SIZES = {"pretrain": 10000, "train": 4000, "dev": 1000, "test": 1000}
+SPLIT_IDS = {"pretrain": 0, "train": 1, "dev": 2, "test": 3}
+
+
+def _article(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _caption(objs, rng, terse):
+    """One caption of objs [(shape, colour, size, pos)]: terse alt-text, or a full paraphrase."""
+    if terse:
+        return ", ".join(f"{c} {s}" for s, c, _, _ in objs)
+    keep = list(rng.permutation(len(objs)))
+    if len(objs) > 1 and rng.random() < 0.3:
+        keep = keep[1:]  # drop one object: captions of web data are partial
+    phrases = []
+    for s, c, z, p in (objs[i] for i in keep):
+        words = [rng.choice(SIZES[z])] if rng.random() < 0.5 else []
+        words += [rng.choice(COLOURS[c][1]), rng.choice(SHAPES[s])]
+        if rng.random() < 0.5:
+            words.append(f"{rng.choice(['in the', 'at the'])} {rng.choice(POSITIONS[p])}")
+        phrases.append(_article(" ".join(words)))
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return rng.choice(TEMPLATES).format(listed)
+
+
+def _render(objs, rng, textured, size=128, out=64):
+    """Draw objs at `size` px on a plain or textured background, downsampled to `out` px (PIL image)."""
+    base = rng.integers(60, 125) + rng.integers(-20, 21, 3)  # a muted, nearly grey background
+    if textured:
+        yy, xx = np.mgrid[:size, :size]
+        stripes = ((xx * rng.integers(-1, 2) + yy * rng.integers(1, 3)) // rng.integers(4, 10)) % 2
+        arr = base + stripes[..., None] * rng.integers(-25, 26, 3) + rng.normal(0, 10, (size, size, 3))
+    else:
+        arr = np.broadcast_to(base, (size, size, 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for s, c, z, p in objs:
+        cx, cy = (np.array([p % 3, p // 3]) + 0.5) * size / 3 + rng.integers(-4, 5, 2)
+        r = (12 if z == "small" else 19) + rng.integers(-1, 2)
+        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[c][0]) + rng.integers(-25, 26, 3), 0, 255))
+        if s == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif s == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif s == "star":
+            ang = np.pi * np.arange(10) / 5 - np.pi / 2
+            rad = np.where(np.arange(10) % 2 == 0, r * 1.2, r * 0.5)
+            draw.polygon(list(zip(cx + rad * np.cos(ang), cy + rad * np.sin(ang))), fill=fill)
+        else:
+            sides, rot = {"triangle": (3, 0), "diamond": (4, 45), "hexagon": (6, 0)}[s]
+            draw.regular_polygon((cx, cy, r * 1.15), sides, rotation=rot, fill=fill)
+    return img.resize((out, out), Image.LANCZOS)
+
+
+def _make_image(split, i, seed):
+    """Objects, image and 5 distinct captions of image i of a split; deterministic in (seed, split, i)."""
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
+    pairs = [q for q in PAIRS if split != "pretrain" or q not in HELD_OUT]
+    objs = [(pairs[k][1], pairs[k][0], rng.choice(list(SIZES)), int(p))
+            for k, p in zip(rng.choice(len(pairs), 3), rng.choice(9, 3, replace=False))][:rng.integers(2, 4)]
+    pretrain = split == "pretrain"
+    img = _render(objs, rng, textured=not pretrain or rng.random() < 0.5)
+    caps = []
+    for _ in range(50):  # paraphrases until 5 distinct ones (a 2-object image has fewer variants)
+        cap = _caption(objs, rng, terse=pretrain and rng.random() < 0.7)
+        if cap not in caps:
+            caps.append(cap)
+        if len(caps) == data.MAX_CAPS:
+            break
+    caps += [caps[-1]] * (data.MAX_CAPS - len(caps))
+    return objs, img, caps
+
+
+def ensure_embedded(root, sizes=None, seed=0):
+    """Generate the embedded dataset under root in the Karpathy layout, unless its JSON is already there.
+
+    The JSON is written last and atomically, so a half-generated folder is never taken for a finished one.
+    """
+    root = Path(root)
+    if (root / data.JSON_NAMES["embedded"]).exists():
+        return
+    sizes = sizes or EMBEDDED_SIZES
+    print(f"generating the embedded dataset in {root} ({sizes}) ...", flush=True)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for split, n in sizes.items():
+        for i in range(n):
+            objs, img, caps = _make_image(split, i, seed)
+            name = f"{split}_{i:05d}.png"
+            img.save(root / "images" / name)
+            records.append({"filename": name, "split": "val" if split == "dev" else split, "imgid": len(records),
+                            "sentences": [{"raw": c} for c in caps],
+                            "objects": [dict(zip(("shape", "colour", "size", "position"), o)) for o in objs]})
+    data.atomic_write(root / data.JSON_NAMES["embedded"], lambda f: f.write(json.dumps({"dataset": "embedded", "images": records}).encode()))
+
+
+PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 100}  # as measured in shared/EMBEDDED.md
+
+
+def prepare(root, device, log=print):
+    """Generate the dataset and pre-train nc-tiny on first use; returns the pre-trained weights file."""
+    ensure_embedded(root)
+    return pretrain_tiny(root, device, log)
+
+
+def pretrain_tiny(root, device, log=print, **overrides):
+    """Pre-train nc-tiny once on the clean pre-training split of the embedded data (the embedded analogue of
+    OpenAI's CLIP); cached as root/nc-tiny-pretrained.pt, which it returns. One random caption per image a pass."""
+    hp, path = dict(PRETRAIN, **overrides), Path(root) / "nc-tiny-pretrained.pt"
+    if path.exists():
+        return str(path)
+    log(f"pre-training nc-tiny on the embedded pre-training split ({hp}); cached in {path}")
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = common.load_model("nc-tiny", "none", device, log)
+    split = data.load_split("embedded", root, "pretrain")
+    first, counts = np.searchsorted(split.img_of_cap, np.arange(len(split.paths))), np.bincount(split.img_of_cap)
+    opt, rng, step = common.optimizer(model, hp["lr"], hp["wd"]), np.random.default_rng(0), 0
+    while step < hp["steps"]:
+        pairs = torch.utils.data.Subset(data.Pairs(split, preprocess, tokenizer), (first + rng.integers(0, counts)).tolist())
+        for images, tokens, _ in torch.utils.data.DataLoader(pairs, hp["batch_size"], shuffle=True, drop_last=True):
+            common.set_lr(opt, step, hp["steps"], hp["warmup"], hp["lr"])
+            loss = common.info_nce(*model(images.to(device), tokens.to(device))).mean()
+            common.train_step(model, opt, loss)
+            step += 1
+            if step % 100 == 0 or step == hp["steps"]:
+                log(f"pretrain step {step:4d}/{hp['steps']}  loss {loss.item():.4f}")
+            if step == hp["steps"]:
+                break
+    log(f"nc-tiny zero-shot test: {common.fmt(common.evaluate(model, data.load_split('embedded', root, 'test'), preprocess, tokenizer, device))}")
+    common.save_checkpoint(path, model.state_dict())
+    return str(path)
