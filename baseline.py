@@ -9,7 +9,6 @@ With --clean-only it trains on the truly clean pairs only: the upper bound a rob
     python baseline.py --dataset f30k --data-root /data/f30k --noise 0.4   # ViT-B-32 'openai' on a GPU
     torchrun --standalone --nproc_per_node=4 baseline.py --dataset coco --data-root /data/coco
 
-
 Official settings (NPC's CLIP baseline), the real-data defaults: AdamW betas (0.9, 0.98), eps 1e-6, weight decay
 0.2, 500 warm-up steps then cosine, grad-norm clip 10, batch 256, 5 epochs, seed 99, 224 px, no augmentation.
 Deviations, and why:
@@ -57,6 +56,7 @@ def main():
 
     # ---- setup
     device = common.setup(args)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
     log = common.logger(args.out_dir)
     log(f"{method}: {vars(args)}")
     if args.dataset == "embedded" and args.pretrained is None:
@@ -75,7 +75,7 @@ def main():
     if len(loader) == 0:
         raise data.UserError(f"{len(pairs)} training pairs make no full batch of {args.batch_size}")
 
-    # ---- model and optimiser
+    # ---- optimiser, DDP, resume
     opt = common.optimizer(model, args.lr, args.wd)
     net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
     total = args.epochs * len(loader)
@@ -93,15 +93,14 @@ def main():
         t0, losses = time.time(), []
         for i, (images, tokens, _) in enumerate(loader):
             common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
-            with common.autocast(device):
+            with amp:
                 img, txt, scale = net(images.to(device), tokens.to(device))
                 loss = common.info_nce(img, txt, scale).mean()
             common.train_step(net, opt, loss)
             losses.append(loss.item())
-        dev_r = common.evaluate(model, dev, preprocess, tokenizer, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": time.time() - t0, "dev": dev_r})
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}  time {time.time() - t0:5.1f}s  "
-            f"dev {common.fmt(dev_r)}")
+        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": train_s, "dev": dev_r})
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
         best = common.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint

@@ -6,10 +6,10 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,7 @@ class Parser(argparse.ArgumentParser):  # the dataset defaults in -h; errors in 
                          epilog=f"embedded defaults: {EMBEDDED}\nreal-data defaults: {REAL} (cc120k: noise 0)")
 
     def error(self, message):
-        print(f"error: {message} (see -h)", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"error: {message} (see -h)\n")
 
 
 def parse(p, script):
@@ -85,6 +84,9 @@ def world():  # the number of processes
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")  # its successor is private
+
+
 def gather(x):
     """Concatenate x (B, ...) of all processes -> (W*B, ...), the gradient flowing through every part."""
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if world() > 1 else x
@@ -99,11 +101,6 @@ def logger(out_dir):
             with open(Path(out_dir) / "log.txt", "a") as f:
                 f.write(line + "\n")
     return log
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (the weights stay fp32), nothing on the CPU."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +203,7 @@ def features(model, split, preprocess, tokenizer, device, batch_size=256):
     """Normalised image features (n_img, D), each image encoded once, and caption features (n_cap, D)."""
     model = getattr(model, "module", model).eval()
     images = torch.utils.data.DataLoader(data.Images(split.paths, preprocess), batch_size)
-    with autocast(device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         img = [model.encode_image(x.to(device), normalize=True).float() for x, _ in tqdm(images, "images", leave=False, disable=None)]
         txt = [model.encode_text(tokenizer(split.captions[i:i + batch_size]).to(device), normalize=True).float()
                for i in range(0, len(split.captions), batch_size)]
@@ -258,7 +255,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:  # noqa: BLE001 (any failure to unpickle means the same thing to the user)
         raise UserError(f"cannot read checkpoint {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
 
 

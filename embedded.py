@@ -134,9 +134,13 @@ PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 10
 
 
 def prepare(root, device, log=print):
-    """Generate the dataset and pre-train nc-tiny on first use; returns the pre-trained weights file."""
-    ensure_embedded(root)
-    return pretrain_tiny(root, device, log)
+    """Generate the dataset and pre-train nc-tiny on first use (rank 0 only); returns the pre-trained weights file."""
+    if common.rank() == 0:
+        ensure_embedded(root)
+        pretrain_tiny(root, device, log)
+    if common.world() > 1:
+        torch.distributed.barrier()  # the other processes wait for the files
+    return str(Path(root) / "nc-tiny-pretrained.pt")
 
 
 def pretrain_tiny(root, device, log=print, **overrides):
