@@ -1,4 +1,4 @@
-"""Datasets and noise injection: the embedded generated dataset, Flickr30K, MS-COCO, CC120K, custom.
+"""Datasets and noise injection: Flickr30K, MS-COCO, CC120K, custom data, and the embedded data (embedded.py).
 
 A split is three parallel facts (class Split): `paths`, one image file per image; `captions`, a list of
 strings; `img_of_cap` (N,), the image each caption belongs to. Training samples are caption slots: item k
@@ -38,6 +38,7 @@ JSON_NAMES = {"embedded": "dataset_embedded.json", "f30k": "dataset_flickr30k.js
 KARPATHY_SPLITS = {"train": ("train", "restval"), "dev": ("val", "dev"), "test": ("test",), "pretrain": ("pretrain",)}
 MAX_CAPS = 5  # captions kept per image (COCO has a few images with 6 or 7; the protocol uses 5)
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Loaders
 def atomic_write(path, write):
@@ -66,16 +67,21 @@ def _karpathy(json_path, split):
     return [str(folder / f) for f in files], captions
 
 
+def _lines(path):
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
 def _scan(root, dataset, split):
     d = Path(root) / "annotations" / "scan_split"
-    caps = (d / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
-    ids = (d / f"{split}_ids.txt").read_text().split()
+    caps, ids = _lines(d / f"{split}_caps.txt"), [i.strip() for i in _lines(d / f"{split}_ids.txt") if i.strip()]
     if not ids or len(caps) % len(ids):
         raise UserError(f"{d}/{split}_caps.txt has {len(caps)} lines, not a multiple of the {len(ids)} ids")
     ids = np.repeat(ids, len(caps) // len(ids)).tolist()
     order = list(dict.fromkeys(ids))  # images in order of first appearance (COCO 1K folds depend on it)
     if dataset == "f30k":
-        names = (d / "image_name.txt").read_text().split()
+        names = [n.strip() for n in _lines(d / "image_name.txt")]
         files = [names[int(i)] for i in order]
     else:
         files = [f"COCO_2014_{int(i):012d}.jpg" if dataset == "coco" else f"{i}.jpg" for i in order]

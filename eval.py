@@ -17,7 +17,7 @@ import embedded
 
 def main():
     p = common.Parser(__doc__)
-    p.add_argument("--checkpoint", help="a best.pt or last.pt of any script (default: no checkpoint, zero-shot)")
+    p.add_argument("--checkpoint", help="best.pt or last.pt of any script, or a state dict (default: none, zero-shot)")
     p.add_argument("--dataset", choices=data.DATASETS, help="default: the checkpoint's, else embedded")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data/embedded)")
     p.add_argument("--split", default="test", choices=("dev", "test"), help="which split (default: test)")
@@ -28,7 +28,7 @@ def main():
     args = p.parse_args()
 
     ck = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
-    saved = ck["args"] if ck else {}
+    saved = ck.get("args", {}) if ck else {}  # a script's checkpoint; a bare state dict has no "args"
     dataset = args.dataset or saved.get("dataset", "embedded")
     defaults = common.EMBEDDED if dataset == "embedded" else common.REAL
     cfg = SimpleNamespace(dataset=dataset, data_root=args.data_root or saved.get("data_root"),
@@ -44,7 +44,7 @@ def main():
     model, preprocess, tokenizer = common.load_model(cfg.model, cfg.pretrained, device, log=print if ck is None else lambda line: None)
     if ck:
         try:
-            model.load_state_dict(ck["model"])
+            model.load_state_dict(ck.get("model", ck))
         except RuntimeError as e:
             raise data.UserError(f"{args.checkpoint} does not fit {cfg.model}: {str(e).splitlines()[0][:200]}") from None
     split = data.load_split(dataset, cfg.data_root, args.split)

@@ -105,6 +105,9 @@ def test_scan_layout(tmp_path, dataset, ids_per_caption):
     name = {"f30k": "f3.jpg", "coco": "COCO_2014_000000000003.jpg", "cc120k": "3.jpg"}[dataset]
     assert train.paths[1].endswith(f"images/{name}")
     assert list(train.img_of_cap) == list(np.repeat([0, 1, 2], caps_per))
+    (tmp_path / "annotations" / "scan_split" / "dev_ids.txt").unlink()
+    with pytest.raises(UserError, match="dev_ids.txt is missing"):
+        data.load_split(dataset, tmp_path, "dev")
 
 
 def test_custom_karpathy_json(tmp_path):
