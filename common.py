@@ -50,6 +50,8 @@ def parse(p, script):
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {args.noise}")
     args.out_dir = args.out_dir or f"out/{script}-{args.dataset}-n{args.noise:g}"
+    if args.resume and not (Path(args.out_dir) / "last.pt").is_file():
+        raise UserError(f"--resume: checkpoint {args.out_dir}/last.pt not found")
     return args
 
 

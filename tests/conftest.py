@@ -1,6 +1,7 @@
 """Shared fixtures: a small embedded dataset and a briefly pre-trained tiny CLIP, built once per session."""
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ def embedded(tmp_path_factory):
     return root
 
 
-def run_script(*argv, env=None):
-    """Run a project script in a subprocess; returns the CompletedProcess (text, output captured)."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False)
+def run_script(script, *argv):
+    """Run a project script in a subprocess from an empty folder (so the default data/embedded is never the
+    repository's); returns the CompletedProcess, output captured as text."""
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd, capture_output=True,
+                              text=True, timeout=600, check=False)

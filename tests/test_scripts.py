@@ -106,8 +106,8 @@ def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
                        "missing", "dev_00001.png")
 
 
-def test_resume_from_another_method_or_nothing_is_refused(finished, tmp_path):
+def test_resume_from_another_method_or_nothing_is_refused(finished, embedded, tmp_path):
     out, _ = finished
     _fails_in_one_line(run_script("baseline.py", "--resume", "--out-dir", tmp_path), "last.pt not found")
-    _fails_in_one_line(run_script("baseline.py", "--resume", "--clean-only", "--out-dir", out),
+    _fails_in_one_line(run_script("baseline.py", "--data-root", embedded, "--resume", "--clean-only", "--out-dir", out),
                        "last.pt is not a baseline-clean checkpoint of nc-tiny")
