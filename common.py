@@ -23,8 +23,9 @@ from tqdm import tqdm
 import data
 from data import UserError
 
-# ---------------------------------------------------------------------------------------------------------
-# Flags: the defaults that depend on the dataset. Each script declares its flags at its top.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")  # its successor is private
+
+# ---- Flags: the defaults that depend on the dataset. Each script declares its flags at its top.
 EMBEDDED = {"model": "nc-tiny", "pretrained": None, "epochs": 3, "batch_size": 128, "lr": 5e-4, "warmup": 50, "workers": 0, "noise": 0.4}
 REAL = {"model": "ViT-B-32", "pretrained": "openai", "epochs": 5, "batch_size": 256, "lr": 1e-5, "warmup": 500, "workers": 8, "noise": 0.4}
 
@@ -65,8 +66,7 @@ def run(main):
         sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Setup, DDP (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), logging
+# ---- Setup, DDP (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), logging
 def setup(args):
     """Join the process group under torchrun, pick the device, seed everything. Returns the device."""
     if "RANK" in os.environ and not dist.is_initialized():
@@ -86,9 +86,6 @@ def world():  # the number of processes
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")  # its successor is private
-
-
 def gather(x):
     """Concatenate x (B, ...) of all processes -> (W*B, ...), the gradient flowing through every part."""
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if world() > 1 else x
@@ -105,8 +102,7 @@ def logger(out_dir):
     return log
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Models. nc-tiny: embed 128; 64 px ViT, patch 16, width 128, 3 layers; text width 128, 3 layers, context 32.
+# ---- Models. nc-tiny: embed 128; 64 px ViT, patch 16, width 128, 3 layers; text width 128, 3 layers, context 32.
 open_clip.factory._MODEL_CONFIGS["nc-tiny"] = {  # what add_model_config would read from a JSON file
     "embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}}
@@ -151,8 +147,7 @@ def load_model(model_name, pretrained, device, log=print):
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training pieces
+# ---- Training pieces
 def optimizer(model, lr, wd):
     """AdamW, official betas and eps; no weight decay on gains, biases or logit_scale (as open_clip)."""
     groups = {True: [], False: []}
@@ -180,13 +175,23 @@ def train_step(model, opt, loss, clip=10.0):
         getattr(model, "module", model).logit_scale.clamp_(0, math.log(100))
 
 
-def info_nce(img, txt, scale):
+def info_nce(img, txt, scale, local=False):
     """Per-sample symmetric InfoNCE, l_i = (CE_i2t(i) + CE_t2i(i)) / 2: img, txt (B, D) normalised -> (B,).
-    Under DDP the negatives are the global batch (gathered with gradient); row i's positive is column rank*B + i."""
-    labels = torch.arange(len(img), device=img.device) + rank() * len(img)
-    l_i2t = F.cross_entropy(scale * img @ gather(txt).T, labels, reduction="none")  # (B,)
-    l_t2i = F.cross_entropy(scale * txt @ gather(img).T, labels, reduction="none")  # (B,)
+    Under DDP the negatives are the global batch (gathered with gradient; row i's positive is column rank*B + i),
+    unless local=True: this process's rows only."""
+    all_img, all_txt, offset = (img, txt, 0) if local or world() == 1 else (gather(img), gather(txt), rank() * len(img))
+    labels = torch.arange(len(img), device=img.device) + offset
+    l_i2t = F.cross_entropy(scale * img @ all_txt.T, labels, reduction="none")  # (B,)
+    l_t2i = F.cross_entropy(scale * txt @ all_img.T, labels, reduction="none")  # (B,)
     return (l_i2t + l_t2i) / 2
+
+
+@torch.no_grad()
+def pair_losses(img, txt, scale, batch_size, seed=0):
+    """Per-sample InfoNCE of every pair, img and txt (N, D) normalised, in seeded random batches -> (N,) on the CPU.
+    Every process computes all of it (nothing gathered) and holds the same values."""
+    perm = torch.randperm(len(img), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([info_nce(img[b], txt[b], scale, local=True).cpu() for b in perm.split(batch_size)])[perm.argsort()]
 
 
 def gmm_clean_prob(x, higher_is_clean=False, max_iter=100):
@@ -198,8 +203,7 @@ def gmm_clean_prob(x, higher_is_clean=False, max_iter=100):
     return gmm.predict_proba(x)[:, gmm.means_.argmax() if higher_is_clean else gmm.means_.argmin()]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Retrieval evaluation, any number of captions per image
+# ---- Retrieval evaluation, any number of captions per image
 @torch.no_grad()
 def features(model, split, preprocess, tokenizer, device, batch_size=256):
     """Normalised image features (n_img, D), each image encoded once, and caption features (n_cap, D)."""
@@ -246,8 +250,7 @@ def fmt(r):
             f"t2i {r['t2i_r1']:5.1f} {r['t2i_r5']:5.1f} {r['t2i_r10']:5.1f}  rsum {r['rsum']:6.1f}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: written whole (temporary file, then rename), read with weights_only=True
+# ---- Checkpoints: written whole (temporary file, then rename), read with weights_only=True
 def save_checkpoint(path, obj):
     data.atomic_write(path, lambda f: torch.save(obj, f))
 

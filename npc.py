@@ -1,0 +1,232 @@
+"""NPC: Negative Pre-aware Cross-modal matching (Zhang et al., AAAI 2024, arXiv 2312.05777), in the paper's per-sample form.
+
+Before training, the starting CLIP picks a clean set (a GMM on per-sample losses) and gives every pair two "memory
+pairs": the clean pair with the nearest image and the clean pair with the nearest caption. Each step, a siamese copy
+of the model takes one look-ahead step on the batch; a pair whose step raises the loss of its own memory pairs would
+hurt the model on clean data, so its loss is down-weighted. The memory pairs are also trained on.
+
+    python npc.py                        # embedded data, tiny CLIP, CPU
+    python npc.py --noise 0.8
+    python npc.py --official-form        # the official code's form, for comparison (see below)
+    python npc.py --dataset f30k --data-root /data/f30k --noise 0.4 --model ViT-B-32 --pretrained openai   # a GPU
+    torchrun --standalone --nproc_per_node=4 npc.py --dataset coco --data-root /data/coco
+
+Paper -> code:
+    A, A'                               model, siamese (the look-ahead copy, made once, overwritten in place each step)
+    memory bank of clean neighbours     bank_img, bank_txt (N,): the clean pair nearest to pair k by image, by caption
+    l_i                                 l (B,)        per-sample InfoNCE of the batch under A
+    l^I_i(t), l^T_i(t)                  l_I, l_T (B,) InfoNCE among the B image-side / text-side memory pairs, before
+    l^I_i(t+1), l^T_i(t+1)              l_I_after, l_T_after (B,) the same after A' took its step on the batch
+    r_i, w_i                            r, w (B,)     w_i = tanh(r_i) if r_i < 1 else 1, no gradient through it
+    L = mean_i w_i l_i + L_mb           loss, with L_mb = mean_i (l^I_i + l^T_i) under A, with gradient
+
+The look-ahead's optimiser: A' takes the step A's own optimiser would take on the batch, so before each look-ahead
+A' receives A's weights and A's AdamW moments (copied in place) and uses the same learning rate and clipping.
+
+Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
+  - per-sample weights: the official batch losses are means, so its w collapses to one scale per batch, mean(w) * mean(l);
+    the paper weights each l_i. --official-form restores the collapse.
+  - the memory term is trained on (under A, with gradient), as in the paper; the official code computes it on A'
+    under no_grad, a constant that changes nothing. --official-form restores the constant.
+  - the look-ahead backward runs once; the official code calls backward() twice, doubling the gradient before clipping.
+  - the look-ahead starts from A's AdamW moments each step; the official siamese optimiser keeps its own moments
+    across steps although its weights are reset each step, so its step is not the one A would take.
+  - neighbours are searched with normalised features on both sides (the official search leaves the clean ones raw).
+  - the bank is built here, deterministically, from the starting model (the official code needs a separate script
+    and an .npy file). Its per-sample losses come from seeded random batches of --batch-size pairs, so that a batch
+    rarely holds several captions of one image. With --resume it is rebuilt from the starting model, identically.
+  - the "before" memory losses are read off A's own forward of the memory pairs (A' equals A until its step): the
+    same values, two forwards fewer per step.
+  - lr, schedule, model selection: as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
+Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
+"""
+import copy
+import sys
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+import common
+import data
+import embedded
+
+# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL)
+parser = common.Parser(__doc__)
+parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
+parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
+parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
+parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise permutation (apart from --seed)")
+parser.add_argument("--model", help="open_clip model name (nc-tiny: the embedded CPU model)")
+parser.add_argument("--pretrained", help="open_clip tag (openai), a local weights file, or none")
+parser.add_argument("--epochs", type=int, help="training epochs")
+parser.add_argument("--batch-size", type=int, help="pairs per optimiser step, over all processes")
+parser.add_argument("--lr", type=float, help="peak learning rate of AdamW (the look-ahead uses the same)")
+parser.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+parser.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (official: 0.2)")
+parser.add_argument("--seed", type=int, default=99, help="training seed (official: 99)")
+parser.add_argument("--workers", type=int, help="DataLoader worker processes")
+parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
+parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
+parser.add_argument("--bank-threshold", type=float, default=0.9, help="clean set: GMM clean posterior above this (official: 0.9)")
+parser.add_argument("--official-form", action="store_true", help="batch-mean weight and constant memory term, as the official code")
+
+
+# ---- the memory bank, once, from the starting model
+def nearest(queries, keys, chunk=2048):
+    """Index of the key with the highest dot product, for each query: (Q, D), (K, D) -> (Q,), in row chunks."""
+    return torch.cat([(queries[i:i + chunk] @ keys.T).argmax(1) for i in range(0, len(queries), chunk)]).cpu().numpy()
+
+
+def neighbours(img, txt, owner, clean):
+    """For every pair k: bank_img[k], the clean pair whose image is nearest to k's image, and bank_txt[k], the clean
+    pair whose caption is nearest to k's caption (cosine; a clean pair is its own text-side neighbour).
+    img (n_img, D), txt (N, D) normalised, owner (N,) image of each pair, clean (C,) pair indices -> two (N,) arrays."""
+    c = torch.as_tensor(clean, device=img.device)
+    nearest_image = nearest(img, img[owner[c]])  # (n_img,) index into clean of the nearest clean image
+    return clean[nearest_image[owner.cpu().numpy()]], clean[nearest(txt, txt[c])]
+
+
+def memory_bank(model, train, is_noisy, args, preprocess, tokenizer, device, log):
+    """NPC's memory bank from the starting model: per-sample losses, GMM, clean set C = {k : p_clean(l_k) > threshold},
+    the neighbours of every pair in C. -> (bank_img, bank_txt) (N,) indices of training pairs, and the bank's stats."""
+    img, txt = common.features(model, train, preprocess, tokenizer, device)  # (n_img, D), (N, D) normalised
+    owner = torch.as_tensor(train.img_of_cap, device=img.device)  # (N,) image of each caption slot
+    loss = common.pair_losses(img[owner], txt, model.logit_scale.exp().item(), args.batch_size, args.seed)  # (N,)
+    p_clean = common.gmm_clean_prob(loss)  # (N,) posterior of the low-loss component
+    clean = np.flatnonzero(p_clean > args.bank_threshold)  # C, indices of training pairs
+    if len(clean) == 0:
+        raise data.UserError(f"the memory bank is empty: no pair has clean posterior > {args.bank_threshold}")
+    bank_img, bank_txt = neighbours(img, txt, owner, clean)
+    stats = {"size": len(clean), "precision": float(1 - is_noisy[clean].mean()),
+             "recall": float((~is_noisy[clean]).sum() / max(1, (~is_noisy).sum())),
+             "auc": float(roc_auc_score(~is_noisy, p_clean)) if 0 < is_noisy.mean() < 1 else None,
+             "noisy_memory_pairs": float(np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]))}
+    log(f"memory bank: clean set {stats['size']} of {len(txt)} pairs (p_clean > {args.bank_threshold}), against the true "
+        f"mask precision {stats['precision']:.3f} recall {stats['recall']:.3f} AUC {stats['auc'] or float('nan'):.3f}; "
+        f"{stats['noisy_memory_pairs']:.1%} of the memory pairs are noisy")
+    return bank_img, bank_txt, stats
+
+
+class WithMemory(torch.utils.data.Dataset):
+    """Pair k -> (image, tokens, k, image and tokens of bank_img[k], image and tokens of bank_txt[k])."""
+
+    def __init__(self, pairs, bank_img, bank_txt):
+        self.pairs, self.bank_img, self.bank_txt = pairs, bank_img, bank_txt
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, k):
+        return (*self.pairs[k], *self.pairs[self.bank_img[k]][:2], *self.pairs[self.bank_txt[k]][:2])
+
+
+# ---- the look-ahead and the weight
+@torch.no_grad()
+def copy_into(siamese, siamese_opt, model, opt):
+    """A' <- A: weights and AdamW state copied in place (the state tensors are allocated once, at the first copy)."""
+    for q, p in zip(siamese.parameters(), model.parameters()):
+        q.copy_(p)
+        for name, value in opt.state.get(p, {}).items():
+            state = siamese_opt.state[q]
+            state[name] = state[name].copy_(value) if name in state else value.clone()
+
+
+def npc_weight(l_I, l_T, l_I_after, l_T_after):
+    """NPC's weight from the memory losses before and after the look-ahead, each (B,) -> w (B,), no gradient."""
+    # ---- EXERCISE npc_weight: l_I, l_T, l_I_after, l_T_after (B,) -> w (B,) ----
+    # A step on pair i that raises the loss of its clean memory pairs (a ratio below 1) would harm the model.
+    r_img = l_I / l_I_after  # (B,) l^I_i(t) / l^I_i(t+1), image-side memory pair
+    r_txt = l_T / l_T_after  # (B,) l^T_i(t) / l^T_i(t+1), text-side memory pair
+    r = (r_img + r_txt) / 2  # (B,) r_i
+    w = torch.where(r < 1, torch.tanh(r), torch.ones_like(r))  # (B,) w_i = tanh(r_i) if r_i < 1 else 1
+    # ---- END EXERCISE ----
+    return w.detach()
+
+
+def main():
+    method = "npc-official" if "--official-form" in sys.argv else "npc"
+    args = common.parse(parser, method)
+
+    # ---- setup
+    device = common.setup(args)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    log = common.logger(args.out_dir)
+    log(f"{method}: {vars(args)}")
+    if args.dataset == "embedded" and args.pretrained is None:
+        args.pretrained = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
+
+    # ---- data and the pre-trained model
+    train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
+    dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
+    log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
+        f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
+    model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+
+    # ---- the memory bank (from the starting model, also on --resume), and the siamese copy
+    bank_img, bank_txt, bank = memory_bank(model, train, is_noisy, args, preprocess, tokenizer, device, log)
+    loader = data.loader(WithMemory(data.Pairs(train, preprocess, tokenizer), bank_img, bank_txt), args.batch_size,
+                         args.workers, args.seed)
+    if len(loader) == 0:
+        raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
+    siamese = copy.deepcopy(model).train()
+    opt, siamese_opt = common.optimizer(model, args.lr, args.wd), common.optimizer(siamese, args.lr, args.wd)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
+    total = args.epochs * len(loader)
+    start, best, history = common.resume(args, method, model, opt) if args.resume else (0, -1.0, [])
+    if start == 0:
+        history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
+        log(f"start: dev {common.fmt(history[0]['dev'])}")
+    else:
+        log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}; memory bank rebuilt from the starting model")
+
+    # ---- training
+    for epoch in range(start, args.epochs):
+        model.train()
+        loader.sampler.set_epoch(epoch)
+        t0, losses, ws, ks = time.time(), [], [], []
+        for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
+            lr = common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
+            common.set_lr(siamese_opt, epoch * len(loader) + i, total, args.warmup, args.lr)
+            x3, t3 = torch.cat([x, x_I, x_T]).to(device), torch.cat([t, t_I, t_T]).to(device)  # (3B, ...) batch, memory pairs
+            # the batch and its memory pairs under A, one forward with gradient: l, l_I, l_T (B,) each
+            with amp:
+                img, txt, scale = net(x3, t3)  # (3B, D), (3B, D), ()
+                l, l_I, l_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(3), txt.chunk(3)))
+            # look-ahead: A' <- A, one step of A' on the batch, then the memory losses again under A'
+            copy_into(siamese, siamese_opt, model, opt)
+            with amp:
+                common.train_step(siamese_net, siamese_opt, common.info_nce(*siamese_net(x3[:len(x)], t3[:len(x)])).mean())
+            with torch.no_grad(), amp:
+                img_a, txt_a, scale_a = siamese(x3[len(x):], t3[len(x):])  # (2B, D) memory pairs under A'
+                l_I_after, l_T_after = (common.info_nce(a, b, scale_a) for a, b in zip(img_a.chunk(2), txt_a.chunk(2)))
+            w = npc_weight(l_I.detach(), l_T.detach(), l_I_after, l_T_after)  # (B,)
+            if args.official_form:  # one weight scale per batch; the memory term a constant
+                loss = w.mean() * l.mean() + (l_I + l_T).mean().detach()
+            else:  # L = mean_i w_i l_i + mean_i (l^I_i + l^T_i)
+                loss = (w * l).mean() + (l_I + l_T).mean()
+            common.train_step(net, opt, loss)
+            losses.append(loss.item())
+            ws.append(common.gather(w))
+            ks.append(common.gather(k.to(device)))
+        w, noisy = torch.cat(ws).cpu().numpy(), is_noisy[torch.cat(ks).cpu().numpy()]
+        stats = {"loss": float(np.mean(losses)), "w_mean": float(w.mean()), "w_std": float(w.std()),
+                 "w_clean": float(w[~noisy].mean()) if (~noisy).any() else None,
+                 "w_noisy": float(w[noisy].mean()) if noisy.any() else None, "w_below_1": float((w < 1).mean())}
+        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
+        history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r})
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} sd {stats['w_std']:.3f} "
+            f"(clean {stats['w_clean'] or float('nan'):.3f}, noisy {stats['w_noisy'] or float('nan'):.3f}, "
+            f"{stats['w_below_1']:.0%} below 1)  lr {lr:.2e}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
+        best = common.save_epoch(args, method, model, opt, epoch, best, history)
+
+    # ---- test with the best dev checkpoint
+    common.finish(args, method, model, test, preprocess, tokenizer, device, log, history,
+                  extra={"noise_rate": float(is_noisy.mean()), "memory_bank": bank})
+
+
+if __name__ == "__main__":
+    common.run(main)

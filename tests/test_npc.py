@@ -1,0 +1,117 @@
+"""NPC: the weight, the memory bank, the in-place look-ahead copy, and npc.py end to end."""
+import copy
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_script
+
+import common
+import data
+import npc
+
+
+def test_weight_is_below_1_when_the_look_ahead_raises_the_memory_loss_and_1_when_it_lowers_it():
+    before = torch.tensor([2.0, 2.0, 1.0, 3.0])
+    after = torch.tensor([4.0, 1.0, 1.0, 3.3])  # raised (r = 0.5), lowered (r = 2), unchanged (r = 1), raised a little
+    w = npc.npc_weight(before, before, after, after)
+    assert w.tolist() == pytest.approx([math.tanh(0.5), 1.0, 1.0, math.tanh(3 / 3.3)])
+    mixed = npc.npc_weight(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([4.0]))
+    assert mixed.item() == pytest.approx(1.0)  # r = (2 + 0.25) / 2 > 1: the image side outweighs the text side
+
+
+def test_weight_matches_a_direct_computation_on_random_losses():
+    g = torch.Generator().manual_seed(0)
+    l_I, l_T, a_I, a_T = (torch.rand(500, generator=g) * 3 + 0.05 for _ in range(4))
+    l_I.requires_grad_(True)
+    w = npc.npc_weight(l_I, l_T, a_I, a_T)
+    want = []
+    for i in range(500):
+        r = (l_I[i].item() / a_I[i].item() + l_T[i].item() / a_T[i].item()) / 2
+        want.append(math.tanh(r) if r < 1 else 1.0)
+    assert w.shape == (500,) and not w.requires_grad
+    assert w.tolist() == pytest.approx(want, rel=1e-5)
+    assert 0 < (w < 1).float().mean() < 1
+
+
+def test_neighbours_are_the_nearest_clean_pairs():
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(30, 8, generator=g), dim=1)  # 30 images, 3 captions each
+    owner = torch.arange(90) // 3
+    txt = F.normalize(torch.randn(90, 8, generator=g), dim=1)
+    clean = np.sort(np.random.default_rng(0).choice(90, 50, replace=False))
+    bank_img, bank_txt = npc.neighbours(img, txt, owner, clean)
+    assert set(bank_img) <= set(clean) and set(bank_txt) <= set(clean)
+    for k in range(90):
+        assert (img[owner[k]] @ img[owner[bank_img[k]]]).item() == pytest.approx((img[owner[k]] @ img[owner[clean]].T).max().item())
+        assert (txt[k] @ txt[bank_txt[k]]).item() == pytest.approx((txt[k] @ txt[clean].T).max().item())
+    assert (bank_txt[clean] == clean).all()  # a clean caption is its own nearest clean caption
+    assert (owner[bank_img[clean]] == owner[clean]).all()  # and a clean pair's image its own nearest clean image
+
+
+def test_memory_bank_points_at_the_clean_set_and_finds_clean_pairs(embedded):
+    model, preprocess, tokenizer = common.load_model("nc-tiny", str(embedded / "nc-tiny-pretrained.pt"), torch.device("cpu"))
+    train, is_noisy = data.noisy_train("embedded", embedded, 0.4, 0)
+    args = types.SimpleNamespace(batch_size=48, seed=99, bank_threshold=0.9)
+    bank_img, bank_txt, stats = npc.memory_bank(model, train, is_noisy, args, preprocess, tokenizer, torch.device("cpu"), print)
+    # the clean set again, computed directly
+    img, txt = common.features(model, train, preprocess, tokenizer, torch.device("cpu"))
+    owner = torch.as_tensor(train.img_of_cap)
+    loss = common.pair_losses(img[owner], txt, model.logit_scale.exp().item(), 48, 99)
+    clean = set(np.flatnonzero(common.gmm_clean_prob(loss) > 0.9))
+    assert len(bank_img) == len(bank_txt) == len(is_noisy)
+    assert set(bank_img) <= clean and set(bank_txt) <= clean and stats["size"] == len(clean)
+    assert stats["precision"] > 1 - is_noisy.mean() + 0.2  # far better than a random choice of pairs
+    assert stats["auc"] > 0.8
+
+
+def test_look_ahead_copy_takes_the_step_of_the_main_optimiser_in_place():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    opt = common.optimizer(model, 1e-2, 0.2)
+    siamese = copy.deepcopy(model)
+    siamese_opt = common.optimizer(siamese, 1e-2, 0.2)
+    x, state_ids = torch.randn(5, 4), []
+    for _ in range(3):  # the main model moves on; A' is reset from it each time
+        reference, reference_opt = copy.deepcopy((model, opt))  # what one more step of the main optimiser gives
+        npc.copy_into(siamese, siamese_opt, model, opt)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), siamese.parameters()))
+        state_ids.append(sorted(id(t) for s in siamese_opt.state.values() for t in s.values()))
+        common.train_step(siamese, siamese_opt, siamese(x).square().mean())
+        common.train_step(reference, reference_opt, reference(x).square().mean())
+        assert all(torch.allclose(p, q) for p, q in zip(reference.parameters(), siamese.parameters()))
+        common.train_step(model, opt, (model(x) - 1).square().mean())
+    assert state_ids[1] == state_ids[2] and len(state_ids[1]) == 3 * 4  # A' reuses its state: 3 tensors per weight with a gradient
+
+
+def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(embedded, tmp_path):
+    p = run_script("npc.py", "--data-root", embedded, "--noise", "0.4", "--out-dir", tmp_path, "--epochs", "2",
+                   "--batch-size", "48", "--warmup", "5", "--lr", "5e-4")
+    assert p.returncode == 0, p.stderr
+    log = (tmp_path / "log.txt").read_text()
+    assert "memory bank: clean set" in log and "epoch 2/2" in log and "test (best dev epoch" in log
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["method"] == "npc" and res["memory_bank"]["precision"] > 0.8
+    for h in res["history"][1:]:
+        assert 0 < h["w_mean"] <= 1 and h["w_noisy"] < h["w_clean"]
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+
+
+def test_official_form_runs_and_resume_rebuilds_the_bank(embedded, tmp_path):
+    argv = ["--data-root", embedded, "--noise", "0.4", "--out-dir", tmp_path, "--batch-size", "48", "--warmup", "5",
+            "--official-form"]
+    p = run_script("npc.py", *argv, "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    p = run_script("npc.py", *argv, "--epochs", "2", "--resume")
+    assert p.returncode == 0, p.stderr
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("memory bank: clean set") == 2 and "memory bank rebuilt" in log
+    banks = [line for line in log.splitlines() if line.startswith("memory bank")]
+    assert banks[0] == banks[1]  # rebuilt identically from the starting model
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["method"] == "npc-official" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
