@@ -115,3 +115,10 @@ def test_official_form_runs_and_resume_rebuilds_the_bank(embedded, tmp_path):
     assert banks[0] == banks[1]  # rebuilt identically from the starting model
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "npc-official" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
+    refused = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--batch-size", "48", "--resume")
+    assert refused.returncode == 2 and refused.stderr.strip() == f"error: {tmp_path}/last.pt is not a npc checkpoint of nc-tiny"
+
+
+def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
+    p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--bank-threshold", "1")
+    assert p.returncode == 2 and p.stderr.strip() == "error: the memory bank is empty: no pair has clean posterior > 1.0"
