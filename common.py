@@ -176,9 +176,8 @@ def train_step(model, opt, loss, clip=10.0):
 
 
 def info_nce(img, txt, scale, local=False):
-    """Per-sample symmetric InfoNCE, l_i = (CE_i2t(i) + CE_t2i(i)) / 2: img, txt (B, D) normalised -> (B,).
-    Under DDP the negatives are the global batch (gathered with gradient; row i's positive is column rank*B + i),
-    unless local=True: this process's rows only."""
+    """Per-sample symmetric InfoNCE, l_i = (CE_i2t(i) + CE_t2i(i)) / 2: img, txt (B, D) normalised -> (B,). Under DDP
+    the negatives are the global batch, gathered with gradient (row i's positive: column rank*B + i), unless local."""
     all_img, all_txt, offset = (img, txt, 0) if local or world() == 1 else (gather(img), gather(txt), rank() * len(img))
     labels = torch.arange(len(img), device=img.device) + offset
     l_i2t = F.cross_entropy(scale * img @ all_txt.T, labels, reduction="none")  # (B,)
@@ -188,8 +187,7 @@ def info_nce(img, txt, scale, local=False):
 
 @torch.no_grad()
 def pair_losses(img, txt, scale, batch_size, seed=0):
-    """Per-sample InfoNCE of every pair, img and txt (N, D) normalised, in seeded random batches -> (N,) on the CPU.
-    Every process computes all of it (nothing gathered) and holds the same values."""
+    """Per-sample InfoNCE of all pairs, img and txt (N, D), in seeded random batches -> (N,); the same in every process."""
     perm = torch.randperm(len(img), generator=torch.Generator().manual_seed(seed))
     return torch.cat([info_nce(img[b], txt[b], scale, local=True).cpu() for b in perm.split(batch_size)])[perm.argsort()]
 

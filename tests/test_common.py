@@ -24,6 +24,18 @@ def test_info_nce_matches_a_direct_computation():
     assert aligned.mean() < got.mean()
 
 
+def test_pair_losses_are_infonce_within_seeded_batches():
+    torch.manual_seed(0)
+    img, txt = (F.normalize(torch.randn(10, 8, dtype=torch.float64), dim=1) for _ in range(2))
+    assert torch.allclose(common.pair_losses(img, txt, 5.0, batch_size=10), common.info_nce(img, txt, 5.0))
+    got = common.pair_losses(img, txt, 5.0, batch_size=4, seed=3)
+    groups = torch.randperm(10, generator=torch.Generator().manual_seed(3)).split(4)  # 4 + 4 + 2 pairs
+    for b in groups:
+        assert torch.allclose(got[b], common.info_nce(img[b], txt[b], 5.0))
+    assert not torch.allclose(got, common.info_nce(img, txt, 5.0))  # fewer negatives, other losses
+    assert torch.equal(got, common.pair_losses(img, txt, 5.0, batch_size=4, seed=3))
+
+
 def test_gmm_separates_two_clusters():
     rng = np.random.default_rng(0)
     loss = np.concatenate([rng.normal(0.5, 0.1, 300), rng.normal(3.0, 0.3, 200)])
