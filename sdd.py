@@ -1,0 +1,251 @@
+"""SDD: Self-Drop and Dual-Weight for noisy correspondence (Liu et al., arXiv 2412.06172), built on NPC's look-ahead.
+
+Every epoch the current model scores every training pair. Pairs scoring at or below alpha are dropped for the epoch
+(self-drop); a GMM on the scores gives every pair a confidence weight w_con. Each step, a siamese copy takes one
+look-ahead step on the batch weighted by w_con; a pair whose step raises the loss of its clean memory pairs gets a
+significance weight w_sig < 1 (NPC's weight). The model trains on the kept pairs with the dual weight w_sig * w_con.
+
+    python sdd.py                        # embedded data, tiny CLIP, CPU
+    python sdd.py --noise 0.8
+    python sdd.py --plot                 # similarity histograms per epoch (needs matplotlib)
+    python sdd.py --dataset f30k --data-root /data/f30k --noise 0.4   # ViT-B-32 'openai' on a GPU
+    torchrun --standalone --nproc_per_node=4 sdd.py --dataset coco --data-root /data/coco
+
+The four partitions of the paper, and where they arise here:
+    noisy                     S_i <= alpha: dropped from this epoch's D_p (it may come back next epoch)
+    vague                     kept, w_con_i < 0.5: trained on, down-weighted by the GMM's doubt
+    clean yet insignificant   kept, w_con_i >= 0.5, w_sig_i < 1: its look-ahead would hurt its clean neighbours
+    clean and significant     kept, w_con_i >= 0.5, w_sig_i = 1: trained on at full weight
+(The 0.5 cut only names the partitions in the log; the method itself uses the continuous weights.)
+
+Paper -> code:
+    S_i = s * cos(f_I, f_T)             cos (N,) per epoch, as a cosine (the official alpha 20 is 0.20 at s = 100)
+    D_p                                 keep (N,) bool, S_i > alpha
+    w_con_i                             w_con (N,) GMM(2, max_iter 10) on S, high-mean posterior, min-max scaled
+    memory bank                         bank_img, bank_txt (N,): NPC's neighbours, pool = starting pairs with cos > beta
+    w_sig_i = tanh(r_i) if r_i < 1 else 1    w_sig (B,), r from the memory losses before/after A' stepped on mean(w_con * l)
+    L = mean_i w_sig_i w_con_i l_i      loss, over a batch of D_p; no memory term
+
+Thresholds. The official alpha = 0.20 and beta = 0.30 (cosine) fit OpenAI's CLIP, whose matched pairs score a cosine
+near 0.3 with a spread of a few hundredths, so 0.20 and 0.30 sit near mu - 3 sd and mu of its clean pairs. They are
+the real-data defaults. The embedded tiny CLIP scores clean pairs near 0.71 (sd 0.10), so `auto` (its default) reads
+the same two points off the starting model: a GMM on the pairs' cosines, and alpha = mu - 3 sd, beta = mu of its
+high-mean component (0.414 and 0.711 at noise 0.4: alpha keeps 99.4% of clean and 10.2% of noisy pairs).
+
+Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
+  - the text-side memory pair is looked up by the pair's original index (the official code uses its position in D_p).
+  - the look-ahead as in npc.py: one backward (not two), A's AdamW moments copied in place, normalised bank search.
+  - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0 whatever
+    the number of dropped pairs; the official one counts full-set steps and so never finishes its decay.
+  - lr and model selection as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
+Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
+"""
+import copy
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
+
+import common
+import data
+import embedded
+import npc  # SDD extends NPC: its memory-bank neighbours, memory-pair dataset and in-place look-ahead copy
+
+# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL)
+parser = common.Parser(__doc__)
+parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
+parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
+parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
+parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise permutation (apart from --seed)")
+parser.add_argument("--model", help="open_clip model name (nc-tiny: the embedded CPU model)")
+parser.add_argument("--pretrained", help="open_clip tag (openai), a local weights file, or none")
+parser.add_argument("--epochs", type=int, help="training epochs")
+parser.add_argument("--batch-size", type=int, help="pairs per optimiser step, over all processes")
+parser.add_argument("--lr", type=float, help="peak learning rate of AdamW (the look-ahead uses the same)")
+parser.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+parser.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (official: 0.2)")
+parser.add_argument("--seed", type=int, default=99, help="training seed (official: 99)")
+parser.add_argument("--workers", type=int, help="DataLoader worker processes")
+parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
+parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
+parser.add_argument("--alpha", help="self-drop at cosine <= alpha: a number or auto (real: 0.20, official; embedded: auto)")
+parser.add_argument("--beta", help="memory-bank pool: starting pairs with cosine > beta, or auto (real: 0.30; embedded: auto)")
+parser.add_argument("--plot", action="store_true", help="write out-dir/similarity_epoch<e>.png each epoch (needs matplotlib)")
+
+
+def pair_cosines(model, split, preprocess, tokenizer, device):
+    """cos(f_I, f_T) of every training pair under the model, and the features: -> (N,) numpy, (n_img, D), (N, D)."""
+    img, txt = common.features(model, split, preprocess, tokenizer, device)
+    return (img[torch.as_tensor(split.img_of_cap, device=img.device)] * txt).sum(1).cpu().numpy(), img, txt
+
+
+def auto_thresholds(cos):
+    """alpha = mu - 3 sd and beta = mu of the high-mean component of a GMM(2) on the starting pairs' cosines (N,)."""
+    gmm = GaussianMixture(2, max_iter=100, tol=1e-2, reg_covar=5e-4, random_state=0).fit(cos.reshape(-1, 1))
+    c = gmm.means_.argmax()
+    mu, sd = float(gmm.means_[c, 0]), float(np.sqrt(gmm.covariances_[c].ravel()[0]))
+    return mu - 3 * sd, mu
+
+
+def threshold(name, value, auto):
+    """A threshold flag's value: a number, or auto (the value the rule above reads off the starting model)."""
+    if value == "auto":
+        return auto
+    try:
+        return float(value)
+    except ValueError:
+        raise data.UserError(f"--{name} must be a number or auto, got {value}") from None
+
+
+def self_drop(S, alpha):
+    """SDD's per-epoch partition from the similarities S (N,) of every pair -> keep (N,) bool, w_con (N,) in [0, 1]."""
+    # ---- EXERCISE self_drop: S (N,), alpha -> keep (N,), w_con (N,) ----
+    # Self-drop: a pair at or below alpha is taken for noisy and leaves this epoch's partial set D_p.
+    keep = S > alpha  # (N,) D_p
+    # Confidence: the posterior of the high-similarity GMM component, over all pairs (official max_iter 10) ...
+    p_clean = common.gmm_clean_prob(S, higher_is_clean=True, max_iter=10)  # (N,)
+    # ... min-max scaled over all pairs, so the surest pair weighs 1 and the least sure 0.
+    w_con = (p_clean - p_clean.min()) / max(p_clean.max() - p_clean.min(), 1e-12)  # (N,)
+    # ---- END EXERCISE ----
+    return keep, w_con
+
+
+def dual_weight(w_con, l_I, l_T, l_I_after, l_T_after):
+    """SDD's per-step weight: w_con (B,) and the memory losses before/after the look-ahead (B,) -> w_sig (B,), w (B,)."""
+    # ---- EXERCISE dual_weight: w_con, l_I, l_T, l_I_after, l_T_after (B,) -> w_sig (B,), w (B,) ----
+    # Significance, as NPC: does a step on pair i lower (r > 1) or raise (r < 1) the loss of its clean memory pairs?
+    r = (l_I / l_I_after + l_T / l_T_after) / 2  # (B,) r_i
+    w_sig = torch.where(r < 1, torch.tanh(r), torch.ones_like(r))  # (B,) w_sig_i = tanh(r_i) if r_i < 1 else 1
+    # The dual weight: how sure the pair is clean, times how much it helps.
+    w = w_sig * w_con  # (B,)
+    # ---- END EXERCISE ----
+    return w_sig.detach(), w.detach()
+
+
+def plot(path, cos, is_noisy, epoch):
+    """Histograms of the pairs' cosines, clean and noisy apart, with the GMM(2) fit (the paper's Figure 5)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    gmm = GaussianMixture(2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(cos.reshape(-1, 1))
+    x = np.linspace(cos.min(), cos.max(), 400)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([cos[~is_noisy], cos[is_noisy]], bins=80, density=True, histtype="stepfilled", alpha=0.5, label=["clean", "noisy"])
+    ax.plot(x, np.exp(gmm.score_samples(x.reshape(-1, 1))), "k", lw=1, label="GMM fit")
+    ax.set(xlabel="cosine of the pair", ylabel="density", title=f"epoch {epoch}")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main():
+    args = common.parse(parser, "sdd")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise data.UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    device = common.setup(args)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    log = common.logger(args.out_dir)
+    log(f"sdd: {vars(args)}")
+    if args.dataset == "embedded" and args.pretrained is None:
+        args.pretrained = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
+
+    # ---- data and the pre-trained model
+    train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
+    dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
+    log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
+        f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
+    model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+
+    # ---- thresholds and the memory bank, from the starting model (also on --resume)
+    cos, img, txt = pair_cosines(model, train, preprocess, tokenizer, device)
+    auto_alpha, auto_beta = auto_thresholds(cos)
+    alpha = threshold("alpha", args.alpha or ("auto" if args.dataset == "embedded" else "0.20"), auto_alpha)
+    beta = threshold("beta", args.beta or ("auto" if args.dataset == "embedded" else "0.30"), auto_beta)
+    pool = np.flatnonzero(cos > beta)
+    if len(pool) == 0:
+        raise data.UserError(f"the memory bank is empty: no starting pair has cosine > beta = {beta:.3f}")
+    bank_img, bank_txt = npc.neighbours(img, txt, torch.as_tensor(train.img_of_cap, device=img.device), pool)
+    log(f"thresholds: alpha {alpha:.3f} (drop), beta {beta:.3f} (bank); memory bank pool {len(pool)} pairs, "
+        f"{is_noisy[pool].mean():.1%} noisy; {np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]):.1%} of memory pairs noisy")
+    pairs = npc.WithMemory(data.Pairs(train, preprocess, tokenizer), bank_img, bank_txt)
+
+    # ---- optimisers, DDP, resume
+    siamese = copy.deepcopy(model).train()
+    opt, siamese_opt = common.optimizer(model, args.lr, args.wd), common.optimizer(siamese, args.lr, args.wd)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
+    full = len(is_noisy) // args.batch_size  # steps in a full-set epoch: the schedule's unit
+    start, best, history = common.resume(args, "sdd", model, opt) if args.resume else (0, -1.0, [])
+    if start == 0:
+        history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
+        log(f"start: dev {common.fmt(history[0]['dev'])}")
+    else:
+        log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}; memory bank rebuilt from the starting model")
+
+    # ---- training
+    for epoch in range(start, args.epochs):
+        # the epoch's partition, from the current model
+        cos = cos if epoch == 0 else pair_cosines(model, train, preprocess, tokenizer, device)[0]
+        keep, w_con = self_drop(cos, alpha)  # (N,), (N,)
+        w_con_t = torch.as_tensor(w_con, dtype=torch.float32)
+        drop = ~keep
+        epoch_stats = {"dropped": int(drop.sum()), "drop_precision": float(is_noisy[drop].mean()) if drop.any() else None,
+                       "drop_recall": float(drop[is_noisy].mean()) if is_noisy.any() else None,
+                       "w_con_auc": float(roc_auc_score(~is_noisy, w_con)) if 0 < is_noisy.mean() < 1 else None}
+        if args.plot and common.rank() == 0:
+            plot(f"{args.out_dir}/similarity_epoch{epoch}.png", cos, is_noisy, epoch)
+        loader = data.loader(torch.utils.data.Subset(pairs, np.flatnonzero(keep).tolist()), args.batch_size, args.workers, args.seed)
+        if len(loader) == 0:
+            raise data.UserError(f"{int(keep.sum())} kept pairs make no full batch of {args.batch_size}")
+        model.train()
+        loader.sampler.set_epoch(epoch)
+        t0, losses, w_sigs, ks = time.time(), [], [], []
+        for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
+            step = int((epoch + i / len(loader)) * full)  # the schedule in fractions of an epoch of D_p
+            lr = common.set_lr(opt, step, args.epochs * full, args.warmup, args.lr)
+            common.set_lr(siamese_opt, step, args.epochs * full, args.warmup, args.lr)
+            x, t, x_mem, t_mem = x.to(device), t.to(device), torch.cat([x_I, x_T]).to(device), torch.cat([t_I, t_T]).to(device)
+            wc = w_con_t[k].to(device)  # (B,)
+            with torch.no_grad(), amp:  # memory losses before the look-ahead, under A (= A')
+                img_m, txt_m, scale_m = model(x_mem, t_mem)
+                l_I, l_T = (common.info_nce(a, b, scale_m) for a, b in zip(img_m.chunk(2), txt_m.chunk(2)))
+            npc.copy_into(siamese, siamese_opt, model, opt)
+            with amp:  # look-ahead on mean(w_con * l)
+                common.train_step(siamese_net, siamese_opt, (wc * common.info_nce(*siamese_net(x, t))).mean())
+            with torch.no_grad(), amp:
+                img_a, txt_a, scale_a = siamese(x_mem, t_mem)
+                l_I_after, l_T_after = (common.info_nce(a, b, scale_a) for a, b in zip(img_a.chunk(2), txt_a.chunk(2)))
+            w_sig, w = dual_weight(wc, l_I, l_T, l_I_after, l_T_after)  # (B,), (B,)
+            with amp:  # L = mean_i w_sig_i w_con_i l_i
+                loss = (w * common.info_nce(*net(x, t))).mean()
+            common.train_step(net, opt, loss)
+            losses.append(loss.item())
+            w_sigs.append(common.gather(w_sig))
+            ks.append(common.gather(k.to(device)))
+        w_sig, k = torch.cat(w_sigs).cpu().numpy(), torch.cat(ks).cpu().numpy()
+        sure = w_con[k] >= 0.5
+        parts = {"noisy": int(drop.sum()), "vague": int((~sure).sum()), "clean_insignificant": int((sure & (w_sig < 1)).sum()),
+                 "clean_significant": int((sure & (w_sig == 1)).sum())}
+        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **epoch_stats, "partitions": parts,
+                        "w_sig_mean": float(w_sig.mean()), "time_s": train_s, "dev": dev_r})
+        log(f"epoch {epoch + 1}/{args.epochs}  dropped {parts['noisy']} (precision {epoch_stats['drop_precision'] or 0:.3f} "
+            f"recall {epoch_stats['drop_recall'] or 0:.3f})  vague {parts['vague']}  clean-insignificant "
+            f"{parts['clean_insignificant']}  clean-significant {parts['clean_significant']}  AUC(w_con) "
+            f"{epoch_stats['w_con_auc'] or float('nan'):.3f}  w_sig {w_sig.mean():.3f}  loss {np.mean(losses):.4f}  "
+            f"lr {lr:.2e}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
+        best = common.save_epoch(args, "sdd", model, opt, epoch, best, history)
+
+    # ---- test with the best dev checkpoint
+    common.finish(args, "sdd", model, test, preprocess, tokenizer, device, log, history,
+                  extra={"noise_rate": float(is_noisy.mean()), "alpha": alpha, "beta": beta, "bank_pool": len(pool)})
+
+
+if __name__ == "__main__":
+    common.run(main)
