@@ -27,10 +27,11 @@ Paper -> code:
     L = mean_i w_sig_i w_con_i l_i      loss, over a batch of D_p; no memory term
 
 Thresholds. The official alpha = 0.20 and beta = 0.30 (cosine) fit OpenAI's CLIP, whose matched pairs score a cosine
-near 0.3 with a spread of a few hundredths, so 0.20 and 0.30 sit near mu - 3 sd and mu of its clean pairs. They are
-the real-data defaults. The embedded tiny CLIP scores clean pairs near 0.71 (sd 0.10), so `auto` (its default) reads
-the same two points off the starting model: a GMM on the pairs' cosines, and alpha = mu - 3 sd, beta = mu of its
-high-mean component (0.414 and 0.711 at noise 0.4: alpha keeps 99.4% of clean and 10.2% of noisy pairs).
+near 0.3 with a spread of a few hundredths, so 0.20 and 0.30 sit near mu - 3 sd and mu of its matched pairs. They
+are the real-data defaults. The embedded tiny CLIP scores matched pairs near 0.71 (sd 0.10), so `auto` (its
+default) reads the same two points off the starting model: alpha = mu - 3 sd and beta = mu of its cosines on the
+clean dev split's pairs. Like the official constants, they belong to the model, not to the noise: a GMM on the noisy
+training pairs also finds them at noise 0.4 (0.414, 0.711) but not at 0.8, where the matched pairs are too few.
 
 Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
   - the text-side memory pair is looked up by the pair's original index (the official code uses its position in D_p).
@@ -82,12 +83,9 @@ def pair_cosines(model, split, preprocess, tokenizer, device):
     return (img[torch.as_tensor(split.img_of_cap, device=img.device)] * txt).sum(1).cpu().numpy(), img, txt
 
 
-def auto_thresholds(cos):
-    """alpha = mu - 3 sd and beta = mu of the high-mean component of a GMM(2) on the starting pairs' cosines (N,)."""
-    gmm = GaussianMixture(2, max_iter=100, tol=1e-2, reg_covar=5e-4, random_state=0).fit(cos.reshape(-1, 1))
-    c = gmm.means_.argmax()
-    mu, sd = float(gmm.means_[c, 0]), float(np.sqrt(gmm.covariances_[c].ravel()[0]))
-    return mu - 3 * sd, mu
+def auto_thresholds(cos_dev):
+    """alpha = mu - 3 sd and beta = mu of the starting model's cosines on matched pairs, read on the clean dev split."""
+    return float(cos_dev.mean() - 3 * cos_dev.std()), float(cos_dev.mean())
 
 
 def threshold(name, value, auto):
@@ -164,7 +162,7 @@ def main():
 
     # ---- thresholds and the memory bank, from the starting model (also on --resume)
     cos, img, txt = pair_cosines(model, train, preprocess, tokenizer, device)
-    auto_alpha, auto_beta = auto_thresholds(cos)
+    auto_alpha, auto_beta = auto_thresholds(pair_cosines(model, dev, preprocess, tokenizer, device)[0])
     alpha = threshold("alpha", args.alpha or ("auto" if args.dataset == "embedded" else "0.20"), auto_alpha)
     beta = threshold("beta", args.beta or ("auto" if args.dataset == "embedded" else "0.30"), auto_beta)
     pool = np.flatnonzero(cos > beta)

@@ -1,0 +1,86 @@
+"""SDD: the self-drop, the confidence and significance weights, the threshold rule, and sdd.py end to end."""
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from sklearn.mixture import GaussianMixture
+
+import npc
+import sdd
+
+
+def _mixture(n_clean=600, n_noisy=400, seed=0):
+    rng = np.random.default_rng(seed)
+    cos = np.concatenate([rng.normal(0.7, 0.1, n_clean), rng.normal(0.0, 0.2, n_noisy)])
+    return cos, np.arange(n_clean + n_noisy) >= n_clean  # cosines, is_noisy
+
+
+def test_self_drop_matches_a_direct_computation():
+    cos, is_noisy = _mixture()
+    keep, w_con = sdd.self_drop(cos, 0.4)
+    assert keep.dtype == bool and (keep == (cos > 0.4)).all()
+    x = ((cos - cos.min()) / (cos.max() - cos.min())).reshape(-1, 1)  # what common.gmm_clean_prob fits
+    gmm = GaussianMixture(2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(x)
+    p = gmm.predict_proba(x)[:, gmm.means_.argmax()]
+    assert w_con == pytest.approx((p - p.min()) / (p.max() - p.min()))
+    assert w_con.min() == 0 and w_con.max() == 1
+    assert w_con[~is_noisy].mean() > 0.9 and w_con[is_noisy].mean() < 0.1
+
+
+def test_dual_weight_on_hand_made_and_random_cases():
+    before = torch.tensor([2.0, 2.0, 1.0])
+    after = torch.tensor([1.0, 4.0, 1.0])  # lowered (r = 2), raised (r = 0.5), unchanged (r = 1)
+    w_con = torch.tensor([1.0, 0.5, 0.2])
+    w_sig, w = sdd.dual_weight(w_con, before, before, after, after)
+    assert w_sig.tolist() == pytest.approx([1.0, math.tanh(0.5), 1.0])
+    assert w.tolist() == pytest.approx([1.0, 0.5 * math.tanh(0.5), 0.2])
+    g = torch.Generator().manual_seed(0)
+    w_con, l_I, l_T, a_I, a_T = (torch.rand(300, generator=g) + 0.05 for _ in range(5))
+    w_sig, w = sdd.dual_weight(w_con, l_I, l_T, a_I, a_T)
+    assert torch.equal(w_sig, npc.npc_weight(l_I, l_T, a_I, a_T))  # the significance weight is NPC's weight
+    for i in range(300):
+        r = (l_I[i].item() / a_I[i].item() + l_T[i].item() / a_T[i].item()) / 2
+        assert w[i].item() == pytest.approx((math.tanh(r) if r < 1 else 1.0) * w_con[i].item(), rel=1e-5)
+
+
+def test_auto_thresholds_are_mu_minus_3_sd_and_mu_of_matched_pairs():
+    cos = np.random.default_rng(0).normal(0.7, 0.1, 5000)
+    alpha, beta = sdd.auto_thresholds(cos)
+    assert alpha == pytest.approx(cos.mean() - 3 * cos.std()) and beta == pytest.approx(cos.mean())
+    assert alpha == pytest.approx(0.4, abs=0.01) and beta == pytest.approx(0.7, abs=0.005)
+    assert sdd.threshold("alpha", "auto", 0.41) == 0.41 and sdd.threshold("alpha", "0.2", 0.41) == 0.2
+
+
+def test_sdd_runs_end_to_end_drops_mostly_noisy_pairs_and_resumes(embedded, tmp_path):
+    argv = ["--data-root", embedded, "--noise", "0.4", "--out-dir", tmp_path, "--batch-size", "48", "--warmup", "5"]
+    p = run_script("sdd.py", *argv, "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    p = run_script("sdd.py", *argv, "--epochs", "2", "--resume")
+    assert p.returncode == 0, p.stderr
+    log = (tmp_path / "log.txt").read_text()
+    thresholds = [line for line in log.splitlines() if line.startswith("thresholds:")]
+    assert len(thresholds) == 2 and thresholds[0] == thresholds[1] and "memory bank rebuilt" in log
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["method"] == "sdd" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
+    for h in res["history"][1:]:
+        assert h["drop_precision"] > 0.8 > res["noise_rate"]  # dropped pairs are mostly noisy, far above chance
+        assert h["w_con_auc"] > 0.8 and 0 < h["w_sig_mean"] <= 1
+        parts = h["partitions"]
+        assert parts["noisy"] == h["dropped"]
+        trained = parts["vague"] + parts["clean_insignificant"] + parts["clean_significant"]
+        assert trained == (1200 - h["dropped"]) // 48 * 48  # every kept pair of the full batches, once
+    assert 0 < res["alpha"] < res["beta"] < 1
+
+
+def test_bad_threshold_and_plot_without_matplotlib_are_one_line_errors(embedded, tmp_path):
+    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--alpha", "low")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --alpha must be a number or auto, got low"
+    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--beta", "1.5")
+    assert p.returncode == 2 and "the memory bank is empty" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    if importlib.util.find_spec("matplotlib") is None:
+        p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--plot")
+        assert p.returncode == 2 and p.stderr.strip() == "error: --plot needs matplotlib (pip install matplotlib)"
