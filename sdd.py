@@ -39,7 +39,9 @@ Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
   - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0 whatever
     the number of dropped pairs; the official one counts full-set steps and so never finishes its decay.
   - lr and model selection as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
-Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
+Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs). There the drop is
+sharp (at noise 0.4 it removes about 7,300 pairs an epoch, 98-100% of them noisy) and SDD reaches test rSum 262.4
+at noise 0.4 and 241.6 at 0.8, against 237.3 and 181.3 for baseline.py (the README has the table).
 """
 import copy
 import time
@@ -74,7 +76,7 @@ parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if av
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
 parser.add_argument("--alpha", help="self-drop at cosine <= alpha: a number or auto (real: 0.20, official; embedded: auto)")
 parser.add_argument("--beta", help="memory-bank pool: starting pairs with cosine > beta, or auto (real: 0.30; embedded: auto)")
-parser.add_argument("--plot", action="store_true", help="write out-dir/similarity_epoch<e>.png each epoch (needs matplotlib)")
+parser.add_argument("--plot", action="store_true", help="write out-dir/similarity_epoch<e>.png before each epoch (needs matplotlib)")
 
 
 def pair_cosines(model, split, preprocess, tokenizer, device):
@@ -123,8 +125,8 @@ def dual_weight(w_con, l_I, l_T, l_I_after, l_T_after):
     return w_sig.detach(), w.detach()
 
 
-def plot(path, cos, is_noisy, epoch):
-    """Histograms of the pairs' cosines, clean and noisy apart, with the GMM(2) fit (the paper's Figure 5)."""
+def plot(path, cos, is_noisy, alpha, title):
+    """Histograms of the pairs' cosines, clean and noisy apart, with the GMM(2) fit and alpha (the paper's Figure 5)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,7 +135,8 @@ def plot(path, cos, is_noisy, epoch):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist([cos[~is_noisy], cos[is_noisy]], bins=80, density=True, histtype="stepfilled", alpha=0.5, label=["clean", "noisy"])
     ax.plot(x, np.exp(gmm.score_samples(x.reshape(-1, 1))), "k", lw=1, label="GMM fit")
-    ax.set(xlabel="cosine of the pair", ylabel="density", title=f"epoch {epoch}")
+    ax.axvline(alpha, color="r", ls="--", lw=1, label="alpha (self-drop)")
+    ax.set(xlabel="cosine of the pair", ylabel="density", title=title)
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -197,7 +200,7 @@ def main():
                        "drop_recall": float(drop[is_noisy].mean()) if is_noisy.any() else None,
                        "w_con_auc": float(roc_auc_score(~is_noisy, w_con)) if 0 < is_noisy.mean() < 1 else None}
         if args.plot and common.rank() == 0:
-            plot(f"{args.out_dir}/similarity_epoch{epoch}.png", cos, is_noisy, epoch)
+            plot(f"{args.out_dir}/similarity_epoch{epoch + 1}.png", cos, is_noisy, alpha, f"before epoch {epoch + 1}")
         loader = data.loader(torch.utils.data.Subset(pairs, np.flatnonzero(keep).tolist()), args.batch_size, args.workers, args.seed)
         if len(loader) == 0:
             raise data.UserError(f"{int(keep.sum())} kept pairs make no full batch of {args.batch_size}")
