@@ -36,6 +36,8 @@ training pairs also finds them at noise 0.4 (0.414, 0.711) but not at 0.8, where
 Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
   - the text-side memory pair is looked up by the pair's original index (the official code uses its position in D_p).
   - the look-ahead as in npc.py: one backward (not two), A's AdamW moments copied in place, normalised bank search.
+  - the GMM sees the cosines min-max scaled to [0, 1] (common.gmm_clean_prob); the official one sees raw logits.
+    The fit is the same up to reg_covar, which is then relative to the range of S.
   - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0 whatever
     the number of dropped pairs; the official one counts full-set steps and so never finishes its decay.
   - lr and model selection as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
