@@ -21,7 +21,7 @@ Paper -> code:
     L = mean_i w_i l_i + L_mb           loss, with L_mb = mean_i (l^I_i + l^T_i) under A, with gradient
 
 The look-ahead's optimiser: A' takes the step A's own optimiser would take on the batch, so before each look-ahead
-A' receives A's weights and A's AdamW moments (copied in place) and uses the same learning rate and clipping.
+A' receives A's weights, AdamW moments and current learning rate (copied in place) and uses the same clipping.
 
 Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
   - per-sample weights: the official batch losses are means, so its w collapses to one scale per batch, mean(w) * mean(l);
@@ -130,7 +130,9 @@ class WithMemory(torch.utils.data.Dataset):
 # ---- the look-ahead and the weight
 @torch.no_grad()
 def copy_into(siamese, siamese_opt, model, opt):
-    """A' <- A: weights and AdamW state copied in place (the state tensors are allocated once, at the first copy)."""
+    """A' <- A: weights, AdamW state and learning rate copied in place (state tensors are allocated at the first copy)."""
+    for group_s, group in zip(siamese_opt.param_groups, opt.param_groups):
+        group_s["lr"] = group["lr"]
     for q, p in zip(siamese.parameters(), model.parameters()):
         q.copy_(p)
         for name, value in opt.state.get(p, {}).items():
@@ -194,7 +196,6 @@ def main():
         t0, losses, ws, ks = time.time(), [], [], []
         for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
             lr = common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
-            common.set_lr(siamese_opt, epoch * len(loader) + i, total, args.warmup, args.lr)
             x3, t3 = torch.cat([x, x_I, x_T]).to(device), torch.cat([t, t_I, t_T]).to(device)  # (3B, ...) batch, memory pairs
             # the batch and its memory pairs under A, one forward with gradient: l, l_I, l_T (B,) each
             with amp:

@@ -212,7 +212,6 @@ def main():
         for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
             step = int((epoch + i / len(loader)) * full)  # the schedule in fractions of an epoch of D_p
             lr = common.set_lr(opt, step, args.epochs * full, args.warmup, args.lr)
-            common.set_lr(siamese_opt, step, args.epochs * full, args.warmup, args.lr)
             x, t, x_mem, t_mem = x.to(device), t.to(device), torch.cat([x_I, x_T]).to(device), torch.cat([t_I, t_T]).to(device)
             wc = w_con_t[k].to(device)  # (B,)
             with torch.no_grad(), amp:  # memory losses before the look-ahead, under A (= A')

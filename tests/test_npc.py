@@ -75,7 +75,7 @@ def test_look_ahead_copy_takes_the_step_of_the_main_optimiser_in_place():
     model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
     opt = common.optimizer(model, 1e-2, 0.2)
     siamese = copy.deepcopy(model)
-    siamese_opt = common.optimizer(siamese, 1e-2, 0.2)
+    siamese_opt = common.optimizer(siamese, 1.0, 0.2)  # a wrong lr, which the copy must replace
     x, state_ids = torch.randn(5, 4), []
     for _ in range(3):  # the main model moves on; A' is reset from it each time
         reference, reference_opt = copy.deepcopy((model, opt))  # what one more step of the main optimiser gives
