@@ -31,9 +31,10 @@ REAL = {"model": "ViT-B-32", "pretrained": "openai", "epochs": 5, "batch_size": 
 
 
 class Parser(argparse.ArgumentParser):  # the dataset defaults in -h; errors in one line, like all bad input
-    def __init__(self, doc):
+    def __init__(self, doc, embedded=None, real=None):  # embedded, real: a script's own changes to the defaults
+        self.defaults = {"embedded": dict(EMBEDDED, **(embedded or {})), "real": dict(REAL, **(real or {}))}
         super().__init__(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-                         epilog=f"embedded defaults: {EMBEDDED}\nreal-data defaults: {REAL} (cc120k: noise 0)")
+                         epilog=f"embedded defaults: {self.defaults['embedded']}\nreal-data defaults: {self.defaults['real']} (cc120k: noise 0)")
 
     def error(self, message):
         self.exit(2, f"error: {message} (see -h)\n")
@@ -42,7 +43,7 @@ class Parser(argparse.ArgumentParser):  # the dataset defaults in -h; errors in 
 def parse(p, script):
     """Parse the flags, fill the defaults of the chosen dataset (None in the parser), check them."""
     args = p.parse_args()
-    defaults = dict(EMBEDDED if args.dataset == "embedded" else REAL, **({"noise": 0.0} if args.dataset == "cc120k" else {}))
+    defaults = dict(p.defaults["embedded" if args.dataset == "embedded" else "real"], **({"noise": 0.0} if args.dataset == "cc120k" else {}))
     for k, v in defaults.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.data_root is None and args.dataset != "embedded":

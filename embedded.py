@@ -130,14 +130,33 @@ def ensure_embedded(root, sizes=None, seed=0):
     data.atomic_write(root / data.JSON_NAMES["embedded"], lambda f: f.write(json.dumps({"dataset": "embedded", "images": records}).encode()))
 
 
+def zero_shot(clip, root, preprocess, tokenizer, device):
+    """Zero-shot classification of the test images by shape, colour and colour-shape pair, prompt "a photo of a {class}".
+    A top-1 class counts as right if the image holds it (2-3 objects each); chance is the mean share of the classes an
+    image holds. -> {"shape": {"accuracy", "chance"}, "colour": ..., "colour shape": ...}"""
+    img = common.features(clip, data.load_split("embedded", root, "test"), preprocess, tokenizer, device)[0]  # (n, D)
+    records = json.loads((Path(root) / data.JSON_NAMES["embedded"]).read_text())["images"]
+    objects = [[(o["shape"], o["colour"]) for o in im["objects"]] for im in records if im["split"] == "test"]
+    out = {}
+    for name, classes, held in (("shape", list(SHAPES), lambda objs: {s for s, _ in objs}),
+                                ("colour", list(COLOURS), lambda objs: {c for _, c in objs}),
+                                ("colour shape", [f"{c} {s}" for c, s in PAIRS], lambda objs: {f"{c} {s}" for s, c in objs})):
+        t = clip.encode_text(tokenizer([f"a photo of a {c}" for c in classes]).to(device), normalize=True).float()  # (C, D)
+        pred = (img @ t.T).argmax(1).tolist()
+        out[name] = {"accuracy": float(np.mean([classes[p] in held(objs) for p, objs in zip(pred, objects)])),
+                     "chance": float(np.mean([len(held(objs)) / len(classes) for objs in objects]))}
+    return out
+
+
 PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 100}  # as measured in shared/EMBEDDED.md
 
 
-def prepare(root, device, log=print):
+def prepare(root, device, log=print, pretrain=True):
     """Generate the dataset and pre-train nc-tiny on first use (rank 0 only); returns the pre-trained weights file."""
     if common.rank() == 0:
         ensure_embedded(root)
-        pretrain_tiny(root, device, log)
+        if pretrain:
+            pretrain_tiny(root, device, log)
     if common.world() > 1:
         torch.distributed.barrier()  # the other processes wait for the files
     return str(Path(root) / "nc-tiny-pretrained.pt")

@@ -1,0 +1,110 @@
+"""Caption text: words, a word vocabulary for a captioning decoder (nlip.py), and the captioning metrics BLEU-4 and
+CIDEr-D, computed as pycocoevalcap (the COCO caption evaluation code) computes them.
+
+Mirrors its bleu/bleu_scorer.py (corpus BLEU, reference length "closest") and cider/cider_scorer.py (CIDEr-D: n-grams up
+to 4, gaussian length penalty sigma=6, clipped counts, x10, idf over the references of the whole scored set), so scores are
+comparable with published ones. pycocoevalcap is not a dependency of this project: its Java PTB tokenizer is all it would
+add for these two metrics, and tokenize() below stands in for it. tests/test_captions.py checks both against pycocoevalcap.
+"""
+import math
+import string
+from collections import Counter
+
+import numpy as np
+
+N = 4  # n-gram orders 1..N, for both metrics (pycocoevalcap's Bleu(4) and Cider(n=4))
+SIGMA = 6.0  # CIDEr-D length penalty width, in words (pycocoevalcap's default)
+NO_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def tokenize(s):
+    """Lower-case, delete punctuation, split on whitespace. pycocoevalcap runs Stanford's PTBTokenizer -lowerCase and then
+    drops punctuation tokens: the same words on plain captions; it differs inside words ("dog's" -> "dog 's", here "dogs")."""
+    return s.lower().translate(NO_PUNCT).split()
+
+
+# ---- Words and a vocabulary of them: ids 0-3 are special, words follow in alphabetical order
+PAD, BOS, EOS, UNK = range(4)
+
+
+def vocabulary(texts, min_count):
+    """The words of texts seen at least min_count times, after <pad> <bos> <eos> <unk> (the captioning convention:
+    rarer words become <unk>)."""
+    counts = Counter(w for t in texts for w in tokenize(t))
+    return ["<pad>", "<bos>", "<eos>", "<unk>"] + sorted(w for w, n in counts.items() if n >= min_count)
+
+
+def encode(texts, vocab, length):
+    """Texts -> (N, length) int64 word ids: the words (cut to length - 1), <eos>, then <pad>."""
+    index, out = {w: i for i, w in enumerate(vocab)}, np.full((len(texts), length), PAD, dtype=np.int64)
+    for k, t in enumerate(texts):
+        ids = [index.get(w, UNK) for w in tokenize(t)][:length - 1] + [EOS]
+        out[k, :len(ids)] = ids
+    return out
+
+
+def decode(rows, vocab):
+    """Rows of word ids -> strings, each up to its first <eos> or <pad>, without <unk>."""
+    out = []
+    for row in rows:
+        row = row[:next((j for j, w in enumerate(row) if w in (EOS, PAD)), len(row))]
+        out.append(" ".join(vocab[w] for w in row if w > UNK))
+    return out
+
+
+# ---- Metrics
+def ngrams(words):
+    """Counts of every n-gram of order 1..N, keyed by the tuple of its words."""
+    return Counter(tuple(words[i:i + k]) for k in range(1, N + 1) for i in range(len(words) - k + 1))
+
+
+def bleu4(candidates, references):
+    """Corpus BLEU-4: clipped matches and candidate n-grams are summed over all images before the geometric mean, and the
+    brevity penalty compares total candidate length to the total of each candidate's closest reference length."""
+    tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards against 0/0; they move a score by about 1e-9
+    correct, guess = np.zeros(N), np.zeros(N)
+    cand_len = ref_len = 0
+    for cand, refs in zip(candidates, references):
+        c, rs = tokenize(cand), [tokenize(r) for r in refs]
+        max_ref = Counter()
+        for r in rs:
+            max_ref |= ngrams(r)  # | keeps the larger count: a candidate n-gram is credited at most its count in one reference
+        for g, count in ngrams(c).items():
+            correct[len(g) - 1] += min(count, max_ref[g])
+        guess += [max(len(c) - k, 0) for k in range(N)]
+        cand_len += len(c)
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]  # closest reference length, a tie goes to the shorter
+    bleu = np.prod((correct + tiny) / (guess + small)) ** (1 / N)
+    ratio = (cand_len + tiny) / (ref_len + small)
+    return float(bleu * math.exp(1 - 1 / ratio) if ratio < 1 else bleu)
+
+
+def cider(candidates, references):
+    """Corpus CIDEr-D: per image, 10 x the mean over orders n and over references of the tf-idf cosine, with candidate
+    weights clipped by the reference's and a gaussian penalty on the length difference; then the mean over images."""
+    cands = [tokenize(c) for c in candidates]
+    refs = [[tokenize(r) for r in rs] for rs in references]
+    # idf from the references only: df = number of images whose references contain the n-gram; unseen n-grams count as 1
+    df = Counter(g for rs in refs for g in set().union(*map(ngrams, rs)))
+    log_images = math.log(len(refs))
+
+    def tfidf(words):
+        """Per order n, the vector {n-gram: tf * idf} and its norm."""
+        vecs = [{} for _ in range(N)]
+        for g, tf in ngrams(words).items():
+            vecs[len(g) - 1][g] = tf * (log_images - math.log(max(1, df[g])))
+        return vecs, [math.sqrt(sum(w * w for w in v.values())) for v in vecs]
+
+    scores = []
+    for c, rs in zip(cands, refs):
+        vc, norm_c = tfidf(c)
+        total = 0.0
+        for r in rs:
+            vr, norm_r = tfidf(r)
+            penalty = math.exp(-(len(c) - len(r)) ** 2 / (2 * SIGMA ** 2))
+            for n in range(N):
+                dot = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vc[n].items())
+                if dot:  # a zero norm makes dot zero too; pycocoevalcap then skips the division
+                    total += penalty * dot / (norm_c[n] * norm_r[n])
+        scores.append(10 * total / (N * len(rs)))
+    return float(np.mean(scores))

@@ -1,0 +1,348 @@
+"""NLIP: Noise-robust Language-Image Pre-training (Huang et al., AAAI 2023, arXiv 2212.07086): noise harmonization and
+noise completion, for pre-training a CLIP (from scratch, or continued) on noisy pairs.
+
+Noise harmonization: after a warm-up with the plain contrastive loss, a GMM on every pair's InfoNCE loss gives each pair a
+noise probability eps_i each epoch (noisy pairs are learnt late: the memorization effect), and the contrastive loss lets
+likely-noisy pairs settle at a lower similarity. Noise completion: a captioning decoder, cross-attending to the image
+tower's patch tokens and prompted with the image's top-k "concepts" (caption words retrieved by CLIP similarity),
+writes captions that replace likely-noisy ones. Loss: L_NITC + 2 L_LM.
+
+    python nlip.py                           # embedded data: nc-tiny from scratch on the noisy train split, CPU
+    python nlip.py --lam 0 --lm-weight 0     # the same run as plain contrastive pre-training (the reference)
+    python nlip.py --dataset cc120k --data-root /data/cc120k --epochs 30                  # ViT-B-32 from scratch, a GPU
+    torchrun --standalone --nproc_per_node=8 nlip.py --dataset cc120k --data-root /data/cc120k --pretrained openai
+
+Paper -> code:
+    eps_i, noise probability              eps (N,)     1 - GMM clean posterior of the pair's loss, per epoch after warm-up
+    omega_i = lambda eps_i                omega (B,)   in harmonized_loss; 0 for a pair trained on a synthetic caption
+    L_NITC                                nitc (B,)    InfoNCE with noise-scaled soft targets (below)
+    concept vocabulary, top-k concepts    concept_ids (C,), concepts (n_img, k) word ids
+    concept-conditioned decoder           Captioner: [concepts, <bos>, caption] -> next words, cross-attending to patches
+    L_LM                                  lm (B,)      mean next-word cross-entropy over the caption's words only
+    completion                            synthetic (N,) bool: the epoch's caption is the generated one
+
+The harmonized loss (NLIP leaves its exact form open; this is one form, chosen because eps = 0 gives plain InfoNCE and
+its optimum is explicit): the target of row i is (1 - omega_i) on its positive and omega_i spread evenly over the
+row's n columns, q_ij = (1 - omega_i) [j = i] + omega_i / n, and l_i = (CE(q_i, softmax_j s f_I_i.f_T_j) + the same
+for text-to-image) / 2. Its minimum puts probability 1 - omega_i + omega_i / n on the positive: the larger eps_i,
+the lower the similarity a pair settles at (omega = 1: none above the negatives).
+
+The completion rule: a pair whose eps_i > --replace-above trains on its image's generated caption; any other pair
+does so with probability eps_i (a fresh draw each epoch), else on its raw caption. A synthetic caption is about its
+image by construction, so its pair gets omega = 0. Generation is greedy (--beam 1) or beam search.
+
+Choices where the paper is silent, and why:
+  - the decoder is a separate module (torch's TransformerDecoder) over a word vocabulary of the training captions;
+    the contrastive text features come from CLIP's own text tower, which never sees image tokens (no leakage).
+  - L_LM is weighted by 1 - eps_i, so the decoder learns to caption from the pairs the GMM believes are clean.
+  - concepts: every caption word outside a short stopword list that occurs --min-count times; an image's top-k by
+    cosine between its CLIP embedding and the word's CLIP text embedding, under the current model, each epoch.
+  - the MAE branch of the paper is left out (optional in this project).
+  - the GMM of every epoch uses the raw captions, in seeded random batches of --batch-size (as npc.py).
+Embedded defaults (measured, see README): nc-tiny from random init, 6 epochs of the 20,000 noisy train pairs, batch
+128, lr 1e-3, wd 0.1 (as its pre-training in embedded.py), 100 warm-up steps, 2 warm-up epochs.
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+import captions
+import common
+import data
+import embedded
+
+# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL, changed here for pre-training)
+parser = common.Parser(__doc__, embedded={"pretrained": "none", "epochs": 6, "lr": 1e-3, "wd": 0.1, "warmup": 100},
+                       real={"pretrained": "none", "lr": 5e-4, "wd": 0.2})
+parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
+parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
+parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
+parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise permutation (apart from --seed)")
+parser.add_argument("--model", help="open_clip model name (nc-tiny: the embedded CPU model); a ViT")
+parser.add_argument("--pretrained", help="none (from scratch), an open_clip tag (openai) or a weights file (continued)")
+parser.add_argument("--epochs", type=int, help="training epochs")
+parser.add_argument("--batch-size", type=int, help="pairs per optimiser step, over all processes")
+parser.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+parser.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+parser.add_argument("--wd", type=float, help="AdamW weight decay (embedded: 0.1, real: 0.2 as CLIP)")
+parser.add_argument("--seed", type=int, default=99, help="training seed")
+parser.add_argument("--workers", type=int, help="DataLoader worker processes")
+parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
+parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+parser.add_argument("--lam", type=float, default=1.0, help="lambda in omega_i = lambda eps_i, in [0, 1]; 0: no harmonization")
+parser.add_argument("--lm-weight", type=float, default=2.0, help="L = L_NITC + this x L_LM (CoCa: 2); 0: no decoder, no completion")
+parser.add_argument("--warmup-epochs", type=int, default=2, help="epochs of the plain loss before eps and completion start")
+parser.add_argument("--replace-above", type=float, default=0.5, help="a caption with eps above this is replaced")
+parser.add_argument("--concepts", type=int, default=5, help="top-k concepts prompted for each image")
+parser.add_argument("--min-count", type=int, default=5, help="words seen fewer times are <unk> (and not concepts)")
+parser.add_argument("--max-words", type=int, default=30, help="caption length the decoder reads and writes, in words")
+parser.add_argument("--dec-layers", type=int, default=2, help="decoder layers (width: the text tower's)")
+parser.add_argument("--beam", type=int, default=1, help="beam size of generation (1: greedy)")
+
+STOPWORDS = {"a", "an", "the", "of", "in", "on", "at", "and", "with", "to", "is", "are", "there", "this", "that", "it", "its", "some"}
+
+
+# ---- the decoder
+class Captioner(torch.nn.Module):
+    """The concept-conditioned decoder: causal self-attention over [concepts, <bos>, words], cross-attention to the
+    image's patch tokens. ids (B, L), patches (B, P, image width) -> next-word logits (B, L, V)."""
+
+    def __init__(self, vocab_size, width, layers, image_width, length):
+        super().__init__()
+        self.embed, self.pos = torch.nn.Embedding(vocab_size, width), torch.nn.Parameter(0.01 * torch.randn(length, width))
+        self.image_proj = torch.nn.Linear(image_width, width)
+        layer = torch.nn.TransformerDecoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
+                                                 batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerDecoder(layer, layers)
+        self.ln, self.head = torch.nn.LayerNorm(width), torch.nn.Linear(width, vocab_size)
+
+    def forward(self, ids, patches):
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
+        x = self.blocks(self.embed(ids) + self.pos[:ids.shape[1]], self.image_proj(patches), tgt_mask=causal, tgt_is_causal=True)
+        return self.head(self.ln(x))
+
+
+class NLIP(torch.nn.Module):
+    """CLIP and the decoder, one module (one DDP wrapper). -> image and text features (B, D), scale, L_LM (B,)."""
+
+    def __init__(self, clip, captioner):
+        super().__init__()
+        self.clip, self.captioner = clip, captioner
+
+    @property
+    def logit_scale(self):  # common.train_step clamps it
+        return self.clip.logit_scale
+
+    def patches(self, images):  # -> pooled image embedding (B, D), patch tokens (B, P, width) after the final norm
+        out = self.clip.visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
+        return out["image_features"], out["image_intermediates"][-1]
+
+    def forward(self, images, tokens, dec_in, dec_target):
+        img, patches = self.patches(images)
+        txt = self.clip.encode_text(tokens, normalize=True)  # the text tower alone: no image token reaches L_NITC
+        if self.captioner is None:
+            return F.normalize(img, dim=-1), txt, self.clip.logit_scale.exp(), torch.zeros(len(img), device=img.device)
+        logits = self.captioner(dec_in, patches)  # (B, L, V)
+        lm = F.cross_entropy(logits.transpose(1, 2), dec_target, ignore_index=-100, reduction="none")  # (B, L)
+        lm = lm.sum(1) / (dec_target >= 0).sum(1).clamp(min=1)  # (B,) mean over the caption's words
+        return F.normalize(img, dim=-1), txt, self.clip.logit_scale.exp(), lm
+
+
+def lm_inputs(concepts, words):
+    """Decoder input and target of the sequence [c_1..c_k, <bos>, w_1..w_T, <eos>, <pad>..]: concepts (B, k), words
+    (B, T) -> (B, k+T), (B, k+T). The prompt is given, never predicted: its targets, and padding's, are -100."""
+    seq = torch.cat([concepts, torch.full_like(concepts[:, :1], captions.BOS), words], 1)  # (B, k+1+T)
+    target = seq[:, 1:].clone()
+    target[:, :concepts.shape[1]] = -100  # the positions that would predict c_2..c_k and <bos>
+    target[target == captions.PAD] = -100
+    return seq[:, :-1], target
+
+
+@torch.no_grad()
+def generate(captioner, patches, concepts, length, beam=1):
+    """Word ids (B, <= length) of the most likely caption after [concepts, <bos>]: greedy (beam 1) or beam search."""
+    B, V = len(concepts), captioner.head.out_features
+    seq = torch.cat([concepts, torch.full_like(concepts[:, :1], captions.BOS)], 1).repeat_interleave(beam, 0)  # (B*beam, k+1)
+    patches = patches.repeat_interleave(beam, 0)
+    score = torch.zeros(B, beam, device=seq.device)
+    score[:, 1:] = -torch.inf  # the beams start identical: expand only the first
+    done = torch.zeros(B * beam, dtype=torch.bool, device=seq.device)
+    for _ in range(length):
+        logp = captioner(seq, patches)[:, -1].float().log_softmax(-1)  # (B*beam, V)
+        logp[done] = torch.where(torch.arange(V, device=seq.device) == captions.PAD, 0.0, -torch.inf)  # finished: pad at no cost
+        score, top = (score.reshape(-1, 1) + logp).reshape(B, beam * V).topk(beam, 1)  # (B, beam) best continuations
+        src = (top // V + beam * torch.arange(B, device=seq.device)[:, None]).reshape(-1)
+        seq = torch.cat([seq[src], (top % V).reshape(-1, 1)], 1)
+        done = done[src] | (seq[:, -1] == captions.EOS) | (seq[:, -1] == captions.PAD)
+        if done.all():
+            break
+    return seq.reshape(B, beam, -1)[:, 0, concepts.shape[1] + 1:]  # topk sorts: beam 0 is the best
+
+
+# ---- the two schemes
+def harmonized_loss(img, txt, scale, eps, lam):
+    """L_NITC per sample: img, txt (B, D) normalised, scale (), eps (B,) noise probabilities -> (B,). eps = 0 is InfoNCE.
+    Under DDP the columns are the gathered global batch, as in common.info_nce."""
+    all_img, all_txt, offset = (img, txt, 0) if common.world() == 1 else (common.gather(img), common.gather(txt), common.rank() * len(img))
+    # ---- EXERCISE harmonized_loss: img, txt (B, D), all_img, all_txt (n, D), offset, scale, eps (B,), lam -> (B,) ----
+    # NLIP: omega_i = lambda eps_i; target q_ij = (1 - omega_i) [j = i] + omega_i / n (a row sums to 1), so the
+    # positive of a likely-noisy pair is pulled up less, and it settles at a lower similarity.
+    omega = lam * eps  # (B,)
+    n, rows = len(all_txt), torch.arange(len(img), device=img.device)
+    target = (omega / n)[:, None].expand(-1, n).clone()  # (B, n) the spread part
+    target[rows, rows + offset] += 1 - omega  # (B, n) plus the positive's part
+    l_i2t = -(target * (scale * img @ all_txt.T).log_softmax(1)).sum(1)  # (B,) image -> captions
+    l_t2i = -(target * (scale * txt @ all_img.T).log_softmax(1)).sum(1)  # (B,) caption -> images
+    loss = (l_i2t + l_t2i) / 2  # (B,)
+    # ---- END EXERCISE ----
+    return loss
+
+
+def complete(eps, threshold, rng):
+    """Which pairs train on their image's synthetic caption this epoch: eps (N,) -> synthetic (N,) bool."""
+    # ---- EXERCISE complete: eps (N,), threshold, rng -> synthetic (N,) bool ----
+    # NLIP's noise completion: replace a caption that is likely noise; mix raw and synthetic for the rest, a pair
+    # taking the synthetic caption with probability eps_i (drawn anew each epoch).
+    replace = eps > threshold  # (N,)
+    mix = rng.random(len(eps)) < eps  # (N,)
+    synthetic = replace | mix  # (N,)
+    # ---- END EXERCISE ----
+    return synthetic
+
+
+# ---- captions and classes from the model
+@torch.no_grad()
+def write_captions(net, paths, concepts, vocab, args, preprocess, device, batch_size=256):
+    """Generated captions (strings) of the images at paths, concepts (len(paths), k) their prompts."""
+    loader, out = torch.utils.data.DataLoader(data.Images(paths, preprocess), batch_size), []
+    for images, i in loader:
+        patches = net.patches(images.to(device))[1]
+        out += captions.decode(generate(net.captioner, patches, concepts[i].to(device), args.max_words, args.beam).tolist(), vocab)
+    return out
+
+
+def top_concepts(clip, img, concept_ids, vocab, k, tokenizer, device):
+    """img (n, D) normalised image embeddings -> (n, k) word ids of the k concepts whose text embedding is nearest."""
+    words = clip.encode_text(tokenizer([vocab[c] for c in concept_ids]).to(device), normalize=True).float()  # (C, D)
+    return torch.as_tensor(concept_ids)[(img @ words.T).topk(min(k, len(concept_ids)), 1).indices.cpu()]
+
+
+def main():
+    args = common.parse(parser, "nlip")
+    for flag, value, low, high in (("--lam", args.lam, 0, 1), ("--replace-above", args.replace_above, 0, 1),
+                                   ("--lm-weight", args.lm_weight, 0, 1e9), ("--warmup-epochs", args.warmup_epochs, 0, 1e9),
+                                   ("--concepts", args.concepts, 1, 1e9), ("--beam", args.beam, 1, 1e9),
+                                   ("--dec-layers", args.dec_layers, 1, 1e9), ("--max-words", args.max_words, 2, 1e9)):
+        if not low <= value <= high:
+            raise data.UserError(f"{flag} must be {f'in [{low}, {high}]' if high < 1e9 else f'>= {low}'}, got {value}")
+
+    # ---- setup
+    device = common.setup(args)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    log = common.logger(args.out_dir)
+    log(f"nlip: {vars(args)}")
+    if args.dataset == "embedded":
+        embedded.prepare(args.data_root, device, log, pretrain=False)  # the data on first use; the CLIP is trained here
+
+    # ---- data, the CLIP and the decoder
+    train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
+    dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
+    truth = [[] for _ in train.paths]  # the true captions of each training image, to report on, never to train on
+    for k, c in enumerate(data.load_split(args.dataset, args.data_root, "train").captions):
+        truth[train.img_of_cap[k]].append(c)
+    log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
+        f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
+    clip, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    vocab = captions.vocabulary(train.captions, args.min_count)
+    concept_ids = [i for i, w in enumerate(vocab) if i > captions.UNK and w not in STOPWORDS]
+    words = torch.as_tensor(captions.encode(train.captions, vocab, args.max_words + 1))  # (N, T) the raw captions, for L_LM
+    captioner = Captioner(len(vocab), clip.transformer.width, args.dec_layers, clip.visual.transformer.width,
+                          args.concepts + args.max_words + 2).to(device) if args.lm_weight > 0 else None
+    model = NLIP(clip, captioner)
+    size = f"{sum(p.numel() for p in captioner.parameters()) / 1e6:.2f}M parameters" if captioner else "none (--lm-weight 0)"
+    log(f"decoder: {size}; {len(vocab)} words seen >= {args.min_count} times, {len(concept_ids)} of them concepts")
+    opt = common.optimizer(model, args.lr, args.wd)
+    net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
+    steps = len(is_noisy) // args.batch_size  # per epoch (the loader drops the last partial batch)
+    if steps == 0:
+        raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
+    start, best, history = common.resume(args, "nlip", clip, opt) if args.resume else (0, -1.0, [])
+    if start > 0 and captioner:
+        captioner.load_state_dict(common.load_checkpoint(f"{args.out_dir}/last.pt")["decoder"])
+        log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}")
+    if start == 0:
+        history.append({"epoch": 0, "dev": common.evaluate(clip, dev, preprocess, tokenizer, device)})
+        log(f"start: dev {common.fmt(history[0]['dev'])}")
+
+    for epoch in range(start, args.epochs):
+        # ---- before each epoch, under the current model: eps, concepts, and (after warm-up) the completed captions
+        t0, active = time.time(), epoch >= args.warmup_epochs
+        img, txt = common.features(clip, train, preprocess, tokenizer, device)  # (n_img, D), (N, D) raw captions
+        loss = common.pair_losses(img[train.img_of_cap], txt, clip.logit_scale.exp().item(), args.batch_size, args.seed + epoch)
+        eps = 1 - common.gmm_clean_prob(loss)  # (N,) noise probability of each pair
+        concepts = top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device)  # (n_img, k)
+        stats = {"eps_auc": float(roc_auc_score(is_noisy, eps)) if 0 < is_noisy.mean() < 1 else None, "used": active,
+                 "concepts_in_truth": float(np.mean([len({vocab[c] for c in concepts[i].tolist()} & set(captions.tokenize(" ".join(t))))
+                                                     / concepts.shape[1] for i, t in enumerate(truth)]))}
+        eps = eps if active else np.zeros_like(eps)
+        synthetic = complete(eps, args.replace_above, np.random.default_rng([args.seed, epoch])) if captioner and active else eps > 1
+        texts = list(train.captions)
+        if synthetic.any():
+            need = np.unique(train.img_of_cap[synthetic])
+            written = dict(zip(need.tolist(), write_captions(model, [train.paths[i] for i in need], concepts[need], vocab, args,
+                                                             preprocess, device)))
+            for k in np.flatnonzero(synthetic):
+                texts[k] = written[train.img_of_cap[k]]
+            noisy = np.flatnonzero(synthetic & is_noisy)  # completed pairs that were truly noisy: did completion help?
+            refs = [truth[train.img_of_cap[k]] for k in noisy]
+            for name, got in (("generated", [texts[k] for k in noisy]), ("noisy", [train.captions[k] for k in noisy])):
+                stats[name] = {"bleu4": captions.bleu4(got, refs), "cider": captions.cider(got, refs)} if len(noisy) else None
+        stats.update(completed=int(synthetic.sum()), completed_noisy=int((synthetic & is_noisy).sum()), scan_s=time.time() - t0)
+        log(f"epoch {epoch + 1} scan: eps AUC {stats['eps_auc'] or float('nan'):.3f} ({'used' if active else 'warm-up, not used'}), "
+            f"concepts in the true captions {stats['concepts_in_truth']:.0%}; {stats['completed']} captions completed, "
+            f"{stats['completed_noisy']} truly noisy" + (f": against the true captions, BLEU-4 {stats['generated']['bleu4']:.3f} "
+            f"CIDEr {stats['generated']['cider']:.3f} (the noisy ones: {stats['noisy']['bleu4']:.3f}, {stats['noisy']['cider']:.3f})"
+            if stats.get("generated") else "") + f"  {stats['scan_s']:.0f}s")
+
+        # ---- training: L = mean_i L_NITC_i + lm_weight * mean_i (1 - eps_i) L_LM_i
+        eps_nitc = torch.as_tensor(np.where(synthetic, 0.0, eps), dtype=torch.float32)  # (N,) a synthetic caption: omega = 0
+        lm_w = torch.as_tensor(1 - eps, dtype=torch.float32)  # (N,)
+        loader = data.loader(data.Pairs(train._replace(captions=texts), preprocess, tokenizer), args.batch_size, args.workers,
+                             args.seed)
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        t0, nitcs, lms = time.time(), [], []
+        for i, (images, tokens, k) in enumerate(loader):
+            lr = common.set_lr(opt, epoch * steps + i, args.epochs * steps, args.warmup, args.lr)
+            dec_in, dec_target = lm_inputs(concepts[train.img_of_cap[k]], words[k])
+            with amp:
+                img, txt, scale, lm = net(images.to(device), tokens.to(device), dec_in.to(device), dec_target.to(device))
+                nitc = harmonized_loss(img, txt, scale, eps_nitc[k].to(device), args.lam)  # (B,)
+                loss = nitc.mean() + args.lm_weight * (lm_w[k].to(device) * lm).mean()
+            common.train_step(net, opt, loss)
+            nitcs.append(nitc.mean().item())
+            lms.append(lm.mean().item())
+        train_s, dev_r = time.time() - t0, common.evaluate(clip, dev, preprocess, tokenizer, device)
+        history.append({"epoch": epoch + 1, "nitc": float(np.mean(nitcs)), "lm": float(np.mean(lms)), **stats,
+                        "time_s": train_s, "dev": dev_r})
+        log(f"epoch {epoch + 1}/{args.epochs}  L_NITC {np.mean(nitcs):.4f}  L_LM {np.mean(lms):.4f}  lr {lr:.2e}  "
+            f"train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
+        if captioner:  # a few captions of images whose caption is noisy, as the decoder now writes them
+            show = np.unique(train.img_of_cap[is_noisy], return_index=True)[1][:3] if is_noisy.any() else np.arange(3)
+            show = np.flatnonzero(is_noisy)[show] if is_noisy.any() else show  # the first noisy pair of 3 images
+            for k, gen in zip(show, write_captions(model, [train.paths[train.img_of_cap[k]] for k in show],
+                                                   concepts[train.img_of_cap[show]], vocab, args, preprocess, device)):
+                log(f"  image {train.img_of_cap[k]}: generated '{gen}' | raw '{train.captions[k]}' | true '{truth[train.img_of_cap[k]][0]}'")
+        best = common.save_epoch(args, "nlip", clip, opt, epoch, best, history,
+                                 extra={"decoder": captioner.state_dict() if captioner else None, "vocab": vocab})
+
+    # ---- test with the best dev checkpoint: zero-shot classification, captioning, then retrieval (common.finish)
+    if common.world() > 1:
+        torch.distributed.barrier()  # rank 0 has written best.pt
+    ck = common.load_checkpoint(f"{args.out_dir}/best.pt")
+    clip.load_state_dict(ck["model"])
+    extra = {"noise_rate": float(is_noisy.mean())}
+    if args.dataset == "embedded":
+        extra["zero_shot"] = embedded.zero_shot(clip, args.data_root, preprocess, tokenizer, device)
+        log("test zero-shot classification, top-1 ('a photo of a {class}'): " + ", ".join(
+            f"{k} {v['accuracy']:.1%} (chance {v['chance']:.1%})" for k, v in extra["zero_shot"].items()))
+    if captioner:
+        captioner.load_state_dict(ck["decoder"])
+        img = common.features(clip, test, preprocess, tokenizer, device)[0]
+        written = write_captions(model, test.paths, top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
+                                 vocab, args, preprocess, device)
+        refs = [[] for _ in test.paths]
+        for c, i in zip(test.captions, test.img_of_cap):
+            refs[i].append(c)
+        extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}
+        log(f"test captioning ({'greedy' if args.beam == 1 else f'beam {args.beam}'}): BLEU-4 {extra['captioning']['bleu4']:.3f}  "
+            f"CIDEr {extra['captioning']['cider']:.3f}")
+    common.finish(args, "nlip", clip, test, preprocess, tokenizer, device, log, history, extra=extra)
+
+
+if __name__ == "__main__":
+    common.run(main)
