@@ -1,6 +1,5 @@
 """Shared pieces of every script: flags, setup and DDP, CLIP loading, per-sample InfoNCE, GMM, retrieval
-evaluation, checkpoints. Definitions only: importing this file runs nothing but registering nc-tiny.
-"""
+evaluation, checkpoints. Definitions only: importing this file runs nothing but registering nc-tiny."""
 import argparse
 import json
 import logging
@@ -26,7 +25,8 @@ from data import UserError
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")  # its successor is private
 
 # ---- Flags: the defaults that depend on the dataset. Each script declares its flags at its top.
-EMBEDDED = {"model": "nc-tiny", "pretrained": None, "epochs": 3, "batch_size": 128, "lr": 5e-4, "warmup": 50, "workers": 0, "noise": 0.4}
+EMBEDDED = {"data_root": "data/embedded", "model": "nc-tiny", "pretrained": None, "epochs": 3, "batch_size": 128, "lr": 5e-4,
+            "warmup": 50, "workers": 0, "noise": 0.4}
 REAL = {"model": "ViT-B-32", "pretrained": "openai", "epochs": 5, "batch_size": 256, "lr": 1e-5, "warmup": 500, "workers": 8, "noise": 0.4}
 
 
@@ -48,7 +48,6 @@ def parse(p, script):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.data_root is None and args.dataset != "embedded":
         raise UserError(f"--data-root is required for --dataset {args.dataset}")
-    args.data_root = args.data_root or "data/embedded"
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {args.noise}")
     args.out_dir = args.out_dir or f"out/{script}-{args.dataset}-n{args.noise:g}"

@@ -141,6 +141,14 @@ def noisy_train(dataset, root, noise, seed):
     return inject_noise(load_split(dataset, root, "train"), noise, seed, cache)
 
 
+def by_image(split):
+    """The captions of each image of a split: [[caption, ...], ...] (n_img lists)."""
+    out = [[] for _ in split.paths]
+    for c, i in zip(split.captions, split.img_of_cap):
+        out[i].append(c)
+    return out
+
+
 def load_image(path, preprocess):
     try:
         with Image.open(path) as im:

@@ -1,11 +1,11 @@
 """NLIP: Noise-robust Language-Image Pre-training (Huang et al., AAAI 2023, arXiv 2212.07086): noise harmonization and
 noise completion, for pre-training a CLIP (from scratch, or continued) on noisy pairs.
 
-Noise harmonization: after a warm-up with the plain contrastive loss, a GMM on every pair's InfoNCE loss gives each pair a
-noise probability eps_i each epoch (noisy pairs are learnt late: the memorization effect), and the contrastive loss lets
-likely-noisy pairs settle at a lower similarity. Noise completion: a captioning decoder, cross-attending to the image
-tower's patch tokens and prompted with the image's top-k "concepts" (caption words retrieved by CLIP similarity),
-writes captions that replace likely-noisy ones. Loss: L_NITC + 2 L_LM.
+Noise harmonization: after a warm-up with the plain contrastive loss, a GMM on every pair's InfoNCE loss gives each pair
+a noise probability eps_i each epoch (noisy pairs are learnt late: the memorization effect), and the contrastive loss
+lets likely-noisy pairs settle at a lower similarity. Noise completion: a captioning decoder, cross-attending to the
+image tower's patch tokens and prompted with the image's top-k "concepts" (caption words retrieved by CLIP
+similarity), writes captions that replace likely-noisy ones. Loss: L_NITC + 2 L_LM.
 
     python nlip.py                           # embedded data: nc-tiny from scratch on the noisy train split, CPU
     python nlip.py --lam 0 --lm-weight 0     # the same run as plain contrastive pre-training (the reference)
@@ -13,34 +13,30 @@ writes captions that replace likely-noisy ones. Loss: L_NITC + 2 L_LM.
     torchrun --standalone --nproc_per_node=8 nlip.py --dataset cc120k --data-root /data/cc120k --pretrained openai
 
 Paper -> code:
-    eps_i, noise probability              eps (N,)     1 - GMM clean posterior of the pair's loss, per epoch after warm-up
+    eps_i, noise probability              eps (N,)     1 - GMM clean posterior of the pair's loss, each epoch after warm-up
     omega_i = lambda eps_i                omega (B,)   in harmonized_loss; 0 for a pair trained on a synthetic caption
-    L_NITC                                nitc (B,)    InfoNCE with noise-scaled soft targets (below)
-    concept vocabulary, top-k concepts    concept_ids (C,), concepts (n_img, k) word ids
-    concept-conditioned decoder           Captioner: [concepts, <bos>, caption] -> next words, cross-attending to patches
-    L_LM                                  lm (B,)      mean next-word cross-entropy over the caption's words only
-    completion                            synthetic (N,) bool: the epoch's caption is the generated one
+    L_NITC, L_LM                          nitc, lm (B,) the latter: mean cross-entropy over the caption's words only
+    concepts, the decoder                 concepts (n_img, k) word ids; Captioner: [concepts, <bos>, words] -> next words
+    completion                            synthetic (N,) bool: the pair trains on its image's generated caption
 
-The harmonized loss (NLIP leaves its exact form open; this is one form, chosen because eps = 0 gives plain InfoNCE and
-its optimum is explicit): the target of row i is (1 - omega_i) on its positive and omega_i spread evenly over the
-row's n columns, q_ij = (1 - omega_i) [j = i] + omega_i / n, and l_i = (CE(q_i, softmax_j s f_I_i.f_T_j) + the same
-for text-to-image) / 2. Its minimum puts probability 1 - omega_i + omega_i / n on the positive: the larger eps_i,
-the lower the similarity a pair settles at (omega = 1: none above the negatives).
-
-The completion rule: a pair whose eps_i > --replace-above trains on its image's generated caption; any other pair
-does so with probability eps_i (a fresh draw each epoch), else on its raw caption. A synthetic caption is about its
-image by construction, so its pair gets omega = 0. Generation is greedy (--beam 1) or beam search.
+The harmonized loss (NLIP leaves its form open): a margin omega_i, in cosine, added to pair i's positive logit,
+l_i = (CE(s (f_I_i.f_T_j + omega_i [j = i])_j, i) + the same for text-to-image) / 2. eps = 0 gives InfoNCE; a pair
+with a larger eps_i meets its loss at a similarity omega_i lower, so it settles lower, and its row stops pushing the
+negatives away once met. Noise-scaled soft targets (q_ij = (1 - omega_i) [j = i] + omega_i / n), the other common
+form, did worse here (README): their optimum for a noisy pair is a row of equal similarities, which pulls its image
+towards every caption of the batch.
+The completion rule: a pair with eps_i > --replace-above trains on its image's generated caption, any other pair does
+so with probability eps_i (drawn anew each epoch); a synthetic caption is about its image, so its omega is 0.
 
 Choices where the paper is silent, and why:
   - the decoder is a separate module (torch's TransformerDecoder) over a word vocabulary of the training captions;
     the contrastive text features come from CLIP's own text tower, which never sees image tokens (no leakage).
   - L_LM is weighted by 1 - eps_i, so the decoder learns to caption from the pairs the GMM believes are clean.
-  - concepts: every caption word outside a short stopword list that occurs --min-count times; an image's top-k by
-    cosine between its CLIP embedding and the word's CLIP text embedding, under the current model, each epoch.
-  - the MAE branch of the paper is left out (optional in this project).
-  - the GMM of every epoch uses the raw captions, in seeded random batches of --batch-size (as npc.py).
-Embedded defaults (measured, see README): nc-tiny from random init, 6 epochs of the 20,000 noisy train pairs, batch
-128, lr 1e-3, wd 0.1 (as its pre-training in embedded.py), 100 warm-up steps, 2 warm-up epochs.
+  - concepts: the caption words outside a short stopword list seen --min-count times; an image's top-k by cosine
+    between its CLIP embedding and the word's CLIP text embedding, under the current model, each epoch.
+  - the GMM of each epoch uses the raw captions, in seeded random batches (as npc.py). No MAE branch (optional here).
+Embedded defaults: nc-tiny from random init, 6 epochs of the 20,000 noisy train pairs, batch 128, lr 1e-3, wd 0.1
+(as its pre-training in embedded.py), 100 warm-up steps, 2 warm-up epochs. Measurements: README.
 """
 import time
 
@@ -124,11 +120,10 @@ class NLIP(torch.nn.Module):
     def forward(self, images, tokens, dec_in, dec_target):
         img, patches = self.patches(images)
         txt = self.clip.encode_text(tokens, normalize=True)  # the text tower alone: no image token reaches L_NITC
-        if self.captioner is None:
-            return F.normalize(img, dim=-1), txt, self.clip.logit_scale.exp(), torch.zeros(len(img), device=img.device)
-        logits = self.captioner(dec_in, patches)  # (B, L, V)
-        lm = F.cross_entropy(logits.transpose(1, 2), dec_target, ignore_index=-100, reduction="none")  # (B, L)
-        lm = lm.sum(1) / (dec_target >= 0).sum(1).clamp(min=1)  # (B,) mean over the caption's words
+        lm = torch.zeros(len(img), device=img.device)
+        if self.captioner is not None:
+            lm = F.cross_entropy(self.captioner(dec_in, patches).transpose(1, 2), dec_target, reduction="none")  # (B, L)
+            lm = lm.sum(1) / (dec_target >= 0).sum(1).clamp(min=1)  # (B,) mean over the caption's words (target -100: none)
         return F.normalize(img, dim=-1), txt, self.clip.logit_scale.exp(), lm
 
 
@@ -136,9 +131,8 @@ def lm_inputs(concepts, words):
     """Decoder input and target of the sequence [c_1..c_k, <bos>, w_1..w_T, <eos>, <pad>..]: concepts (B, k), words
     (B, T) -> (B, k+T), (B, k+T). The prompt is given, never predicted: its targets, and padding's, are -100."""
     seq = torch.cat([concepts, torch.full_like(concepts[:, :1], captions.BOS), words], 1)  # (B, k+1+T)
-    target = seq[:, 1:].clone()
-    target[:, :concepts.shape[1]] = -100  # the positions that would predict c_2..c_k and <bos>
-    target[target == captions.PAD] = -100
+    target = seq[:, 1:].masked_fill(seq[:, 1:] == captions.PAD, -100)  # (B, k+T) next word; no loss on padding
+    target[:, :concepts.shape[1]] = -100  # nor on the positions that would predict c_2..c_k and <bos>
     return seq[:, :-1], target
 
 
@@ -148,8 +142,7 @@ def generate(captioner, patches, concepts, length, beam=1):
     B, V = len(concepts), captioner.head.out_features
     seq = torch.cat([concepts, torch.full_like(concepts[:, :1], captions.BOS)], 1).repeat_interleave(beam, 0)  # (B*beam, k+1)
     patches = patches.repeat_interleave(beam, 0)
-    score = torch.zeros(B, beam, device=seq.device)
-    score[:, 1:] = -torch.inf  # the beams start identical: expand only the first
+    score = torch.tensor([0.0] + [-torch.inf] * (beam - 1), device=seq.device).repeat(B, 1)  # (B, beam) expand beam 0 only
     done = torch.zeros(B * beam, dtype=torch.bool, device=seq.device)
     for _ in range(length):
         logp = captioner(seq, patches)[:, -1].float().log_softmax(-1)  # (B*beam, V)
@@ -167,31 +160,35 @@ def generate(captioner, patches, concepts, length, beam=1):
 def harmonized_loss(img, txt, scale, eps, lam):
     """L_NITC per sample: img, txt (B, D) normalised, scale (), eps (B,) noise probabilities -> (B,). eps = 0 is InfoNCE.
     Under DDP the columns are the gathered global batch, as in common.info_nce."""
-    all_img, all_txt, offset = (img, txt, 0) if common.world() == 1 else (common.gather(img), common.gather(txt), common.rank() * len(img))
+    all_img, all_txt, offset = common.gather(img), common.gather(txt), common.rank() * len(img)  # (n, D), n = W*B columns
     # ---- EXERCISE harmonized_loss: img, txt (B, D), all_img, all_txt (n, D), offset, scale, eps (B,), lam -> (B,) ----
-    # NLIP: omega_i = lambda eps_i; target q_ij = (1 - omega_i) [j = i] + omega_i / n (a row sums to 1), so the
-    # positive of a likely-noisy pair is pulled up less, and it settles at a lower similarity.
+    # NLIP: omega_i = lambda eps_i, here a margin (in cosine) granted to pair i's positive: its loss is met at a
+    # similarity omega_i lower, so the likelier a pair is noise, the lower the similarity it settles at.
     omega = lam * eps  # (B,)
-    n, rows = len(all_txt), torch.arange(len(img), device=img.device)
-    target = (omega / n)[:, None].expand(-1, n).clone()  # (B, n) the spread part
-    target[rows, rows + offset] += 1 - omega  # (B, n) plus the positive's part
-    l_i2t = -(target * (scale * img @ all_txt.T).log_softmax(1)).sum(1)  # (B,) image -> captions
-    l_t2i = -(target * (scale * txt @ all_img.T).log_softmax(1)).sum(1)  # (B,) caption -> images
+    rows = torch.arange(len(img), device=img.device)
+    labels = rows + offset  # (B,) the positive's column
+    margin = torch.zeros(len(img), len(all_txt), device=img.device)
+    margin[rows, labels] = omega  # (B, n) omega_i on the positive, 0 elsewhere
+    l_i2t = F.cross_entropy(scale * (img @ all_txt.T + margin), labels, reduction="none")  # (B,) image -> captions
+    l_t2i = F.cross_entropy(scale * (txt @ all_img.T + margin), labels, reduction="none")  # (B,) caption -> images
     loss = (l_i2t + l_t2i) / 2  # (B,)
     # ---- END EXERCISE ----
     return loss
 
 
 def complete(eps, threshold, rng):
-    """Which pairs train on their image's synthetic caption this epoch: eps (N,) -> synthetic (N,) bool."""
-    # ---- EXERCISE complete: eps (N,), threshold, rng -> synthetic (N,) bool ----
+    """Which pairs train on their image's synthetic caption this epoch, and the noise probability each pair's
+    L_NITC then sees: eps (N,) -> synthetic (N,) bool, eps_nitc (N,)."""
+    # ---- EXERCISE complete: eps (N,), threshold, rng -> synthetic (N,) bool, eps_nitc (N,) ----
     # NLIP's noise completion: replace a caption that is likely noise; mix raw and synthetic for the rest, a pair
     # taking the synthetic caption with probability eps_i (drawn anew each epoch).
     replace = eps > threshold  # (N,)
     mix = rng.random(len(eps)) < eps  # (N,)
     synthetic = replace | mix  # (N,)
+    # a synthetic caption describes its own image: its pair is not noise, omega = 0; a raw caption keeps its eps
+    eps_nitc = np.where(synthetic, 0.0, eps)  # (N,)
     # ---- END EXERCISE ----
-    return synthetic
+    return synthetic, eps_nitc
 
 
 # ---- captions and classes from the model
@@ -205,6 +202,28 @@ def write_captions(net, paths, concepts, vocab, args, preprocess, device, batch_
     return out
 
 
+@torch.no_grad()
+def scan(clip, train, concept_ids, vocab, args, seed, preprocess, tokenizer, device):
+    """Under the current model: eps (N,), 1 - the GMM clean posterior of each pair's InfoNCE (raw captions, in seeded
+    random batches as npc.py), and concepts (n_img, k), the word ids of each image's top-k concepts."""
+    img, txt = common.features(clip, train, preprocess, tokenizer, device)  # (n_img, D), (N, D) normalised
+    loss = common.pair_losses(img[train.img_of_cap], txt, clip.logit_scale.exp().item(), args.batch_size, seed)  # (N,)
+    return 1 - common.gmm_clean_prob(loss), top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device)
+
+
+def completion_report(texts, raw, truth, owner, synthetic, is_noisy, log):
+    """Did completion describe the images better than the noise did? BLEU-4 and CIDEr, against the image's true
+    captions, of the synthetic and of the raw captions of the completed pairs that were truly noisy."""
+    noisy = np.flatnonzero(synthetic & is_noisy)
+    refs = [truth[owner[k]] for k in noisy]
+    out = {name: {"bleu4": captions.bleu4(got, refs), "cider": captions.cider(got, refs)} for name, got in
+           (("generated", [texts[k] for k in noisy]), ("noisy", [raw[k] for k in noisy]))} if len(noisy) else {}
+    log(f"  completion: {synthetic.sum()} captions, {len(noisy)} of them truly noisy" + (
+        f"; on those, against the true captions: generated BLEU-4 {out['generated']['bleu4']:.3f} CIDEr "
+        f"{out['generated']['cider']:.3f}, noisy BLEU-4 {out['noisy']['bleu4']:.3f} CIDEr {out['noisy']['cider']:.3f}" if len(noisy) else ""))
+    return out
+
+
 def top_concepts(clip, img, concept_ids, vocab, k, tokenizer, device):
     """img (n, D) normalised image embeddings -> (n, k) word ids of the k concepts whose text embedding is nearest."""
     words = clip.encode_text(tokenizer([vocab[c] for c in concept_ids]).to(device), normalize=True).float()  # (C, D)
@@ -213,12 +232,11 @@ def top_concepts(clip, img, concept_ids, vocab, k, tokenizer, device):
 
 def main():
     args = common.parse(parser, "nlip")
-    for flag, value, low, high in (("--lam", args.lam, 0, 1), ("--replace-above", args.replace_above, 0, 1),
-                                   ("--lm-weight", args.lm_weight, 0, 1e9), ("--warmup-epochs", args.warmup_epochs, 0, 1e9),
-                                   ("--concepts", args.concepts, 1, 1e9), ("--beam", args.beam, 1, 1e9),
-                                   ("--dec-layers", args.dec_layers, 1, 1e9), ("--max-words", args.max_words, 2, 1e9)):
-        if not low <= value <= high:
-            raise data.UserError(f"{flag} must be {f'in [{low}, {high}]' if high < 1e9 else f'>= {low}'}, got {value}")
+    for flag, (low, high) in {"lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, None), "warmup_epochs": (0, None),
+                              "concepts": (1, None), "beam": (1, None), "dec_layers": (1, None), "max_words": (2, None)}.items():
+        if not low <= getattr(args, flag) <= (high if high is not None else float("inf")):
+            raise data.UserError(f"--{flag.replace('_', '-')} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, "
+                                 f"got {getattr(args, flag)}")
 
     # ---- setup
     device = common.setup(args)
@@ -231,9 +249,7 @@ def main():
     # ---- data, the CLIP and the decoder
     train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
     dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
-    truth = [[] for _ in train.paths]  # the true captions of each training image, to report on, never to train on
-    for k, c in enumerate(data.load_split(args.dataset, args.data_root, "train").captions):
-        truth[train.img_of_cap[k]].append(c)
+    truth = data.by_image(data.load_split(args.dataset, args.data_root, "train"))  # to report on, never to train on
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     clip, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
@@ -243,54 +259,45 @@ def main():
     captioner = Captioner(len(vocab), clip.transformer.width, args.dec_layers, clip.visual.transformer.width,
                           args.concepts + args.max_words + 2).to(device) if args.lm_weight > 0 else None
     model = NLIP(clip, captioner)
-    size = f"{sum(p.numel() for p in captioner.parameters()) / 1e6:.2f}M parameters" if captioner else "none (--lm-weight 0)"
-    log(f"decoder: {size}; {len(vocab)} words seen >= {args.min_count} times, {len(concept_ids)} of them concepts")
+    log(f"decoder: {f'{sum(p.numel() for p in captioner.parameters()) / 1e6:.2f}M parameters' if captioner else 'none'}; "
+        f"{len(vocab)} words seen >= {args.min_count} times, {len(concept_ids)} of them concepts")
     opt = common.optimizer(model, args.lr, args.wd)
     net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
     steps = len(is_noisy) // args.batch_size  # per epoch (the loader drops the last partial batch)
     if steps == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
     start, best, history = common.resume(args, "nlip", clip, opt) if args.resume else (0, -1.0, [])
-    if start > 0 and captioner:
-        captioner.load_state_dict(common.load_checkpoint(f"{args.out_dir}/last.pt")["decoder"])
+    if start > 0:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}")
-    if start == 0:
+        if captioner:
+            captioner.load_state_dict(common.load_checkpoint(f"{args.out_dir}/last.pt")["decoder"])
+    else:
         history.append({"epoch": 0, "dev": common.evaluate(clip, dev, preprocess, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
 
     for epoch in range(start, args.epochs):
         # ---- before each epoch, under the current model: eps, concepts, and (after warm-up) the completed captions
         t0, active = time.time(), epoch >= args.warmup_epochs
-        img, txt = common.features(clip, train, preprocess, tokenizer, device)  # (n_img, D), (N, D) raw captions
-        loss = common.pair_losses(img[train.img_of_cap], txt, clip.logit_scale.exp().item(), args.batch_size, args.seed + epoch)
-        eps = 1 - common.gmm_clean_prob(loss)  # (N,) noise probability of each pair
-        concepts = top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device)  # (n_img, k)
+        eps, concepts = scan(clip, train, concept_ids, vocab, args, args.seed + epoch, preprocess, tokenizer, device)
         stats = {"eps_auc": float(roc_auc_score(is_noisy, eps)) if 0 < is_noisy.mean() < 1 else None, "used": active,
-                 "concepts_in_truth": float(np.mean([len({vocab[c] for c in concepts[i].tolist()} & set(captions.tokenize(" ".join(t))))
-                                                     / concepts.shape[1] for i, t in enumerate(truth)]))}
+                 "concepts_in_truth": float(np.mean([len(set(captions.decode([c], vocab)[0].split()) & set(captions.tokenize(" ".join(t))))
+                                                     / len(c) for c, t in zip(concepts.tolist(), truth)]))}
+        log(f"epoch {epoch + 1} scan: eps AUC {stats['eps_auc'] or float('nan'):.3f} ({'used' if active else 'warm-up: not used'}), "
+            f"concepts in the image's true captions {stats['concepts_in_truth']:.0%}")
         eps = eps if active else np.zeros_like(eps)
-        synthetic = complete(eps, args.replace_above, np.random.default_rng([args.seed, epoch])) if captioner and active else eps > 1
+        synthetic, eps_nitc = complete(eps, args.replace_above, np.random.default_rng([args.seed, epoch])) if captioner and active \
+            else (eps > 1, eps)
         texts = list(train.captions)
         if synthetic.any():
-            need = np.unique(train.img_of_cap[synthetic])
-            written = dict(zip(need.tolist(), write_captions(model, [train.paths[i] for i in need], concepts[need], vocab, args,
-                                                             preprocess, device)))
+            need = np.unique(train.img_of_cap[synthetic])  # the images whose generated caption is used
+            written = write_captions(model, [train.paths[i] for i in need], concepts[need], vocab, args, preprocess, device)
             for k in np.flatnonzero(synthetic):
-                texts[k] = written[train.img_of_cap[k]]
-            noisy = np.flatnonzero(synthetic & is_noisy)  # completed pairs that were truly noisy: did completion help?
-            refs = [truth[train.img_of_cap[k]] for k in noisy]
-            for name, got in (("generated", [texts[k] for k in noisy]), ("noisy", [train.captions[k] for k in noisy])):
-                stats[name] = {"bleu4": captions.bleu4(got, refs), "cider": captions.cider(got, refs)} if len(noisy) else None
+                texts[k] = written[np.searchsorted(need, train.img_of_cap[k])]
+            stats.update(completion_report(texts, train.captions, truth, train.img_of_cap, synthetic, is_noisy, log))
         stats.update(completed=int(synthetic.sum()), completed_noisy=int((synthetic & is_noisy).sum()), scan_s=time.time() - t0)
-        log(f"epoch {epoch + 1} scan: eps AUC {stats['eps_auc'] or float('nan'):.3f} ({'used' if active else 'warm-up, not used'}), "
-            f"concepts in the true captions {stats['concepts_in_truth']:.0%}; {stats['completed']} captions completed, "
-            f"{stats['completed_noisy']} truly noisy" + (f": against the true captions, BLEU-4 {stats['generated']['bleu4']:.3f} "
-            f"CIDEr {stats['generated']['cider']:.3f} (the noisy ones: {stats['noisy']['bleu4']:.3f}, {stats['noisy']['cider']:.3f})"
-            if stats.get("generated") else "") + f"  {stats['scan_s']:.0f}s")
 
         # ---- training: L = mean_i L_NITC_i + lm_weight * mean_i (1 - eps_i) L_LM_i
-        eps_nitc = torch.as_tensor(np.where(synthetic, 0.0, eps), dtype=torch.float32)  # (N,) a synthetic caption: omega = 0
-        lm_w = torch.as_tensor(1 - eps, dtype=torch.float32)  # (N,)
+        eps_nitc, lm_w = (torch.as_tensor(x, dtype=torch.float32) for x in (eps_nitc, 1 - eps))  # (N,) each
         loader = data.loader(data.Pairs(train._replace(captions=texts), preprocess, tokenizer), args.batch_size, args.workers,
                              args.seed)
         loader.sampler.set_epoch(epoch)
@@ -312,8 +319,8 @@ def main():
         log(f"epoch {epoch + 1}/{args.epochs}  L_NITC {np.mean(nitcs):.4f}  L_LM {np.mean(lms):.4f}  lr {lr:.2e}  "
             f"train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
         if captioner:  # a few captions of images whose caption is noisy, as the decoder now writes them
-            show = np.unique(train.img_of_cap[is_noisy], return_index=True)[1][:3] if is_noisy.any() else np.arange(3)
-            show = np.flatnonzero(is_noisy)[show] if is_noisy.any() else show  # the first noisy pair of 3 images
+            pairs = np.flatnonzero(is_noisy) if is_noisy.any() else np.arange(len(is_noisy))
+            show = pairs[np.unique(train.img_of_cap[pairs], return_index=True)[1][:3]]  # the first noisy pair of 3 images
             for k, gen in zip(show, write_captions(model, [train.paths[train.img_of_cap[k]] for k in show],
                                                    concepts[train.img_of_cap[show]], vocab, args, preprocess, device)):
                 log(f"  image {train.img_of_cap[k]}: generated '{gen}' | raw '{train.captions[k]}' | true '{truth[train.img_of_cap[k]][0]}'")
@@ -335,10 +342,7 @@ def main():
         img = common.features(clip, test, preprocess, tokenizer, device)[0]
         written = write_captions(model, test.paths, top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
                                  vocab, args, preprocess, device)
-        refs = [[] for _ in test.paths]
-        for c, i in zip(test.captions, test.img_of_cap):
-            refs[i].append(c)
-        extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}
+        extra["captioning"] = {"bleu4": captions.bleu4(written, data.by_image(test)), "cider": captions.cider(written, data.by_image(test))}
         log(f"test captioning ({'greedy' if args.beam == 1 else f'beam {args.beam}'}): BLEU-4 {extra['captioning']['bleu4']:.3f}  "
             f"CIDEr {extra['captioning']['cider']:.3f}")
     common.finish(args, "nlip", clip, test, preprocess, tokenizer, device, log, history, extra=extra)

@@ -16,16 +16,23 @@ def _features(b=6, d=16, seed=0):
     return (torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1) for _ in range(2))
 
 
-def test_harmonized_loss_with_eps_0_is_infonce():
+def test_harmonized_loss_is_infonce_at_eps_0_and_a_positive_margin_of_lambda_eps():
     img, txt = _features()
     assert torch.allclose(nlip.harmonized_loss(img, txt, 20.0, torch.zeros(6), 1.0), common.info_nce(img, txt, 20.0), atol=1e-6)
     assert torch.allclose(nlip.harmonized_loss(img, txt, 20.0, torch.ones(6), 0.0), common.info_nce(img, txt, 20.0), atol=1e-6)
+    eps = torch.rand(6, generator=torch.Generator().manual_seed(2))
+    got = nlip.harmonized_loss(img, txt, 20.0, eps, 0.5)
+    for i in range(6):  # l_i = (CE over s (cos_ij + omega_i [j = i]) both ways) / 2, omega_i = 0.5 eps_i
+        row, col = 20.0 * (img[i] @ txt.T), 20.0 * (txt[i] @ img.T)
+        row[i] += 20.0 * 0.5 * eps[i]
+        col[i] += 20.0 * 0.5 * eps[i]
+        assert got[i].item() == pytest.approx((-row.log_softmax(0)[i] - col.log_softmax(0)[i]).item() / 2, rel=1e-5)
 
 
 def test_larger_eps_makes_a_pair_settle_at_lower_similarity():
     """Train free features on the harmonized loss: the positive cosine a pair ends at falls as its eps rises."""
-    eps = torch.tensor([0.0, 0.0, 0.3, 0.3, 0.6, 0.6, 0.9, 0.9])
-    img, txt = (torch.nn.Parameter(x) for x in _features(8, 16))
+    eps = torch.tensor([0.0, 0.3, 0.6, 0.9]).repeat_interleave(4)  # 4 pairs at each noise probability
+    img, txt = (torch.nn.Parameter(x) for x in _features(16, 16))
     opt = torch.optim.Adam([img, txt], lr=0.05)
     for _ in range(300):
         a, b = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
@@ -35,18 +42,19 @@ def test_larger_eps_makes_a_pair_settle_at_lower_similarity():
         opt.step()
     with torch.no_grad():
         pos = (torch.nn.functional.normalize(img, dim=-1) * torch.nn.functional.normalize(txt, dim=-1)).sum(1)
-    by_eps = pos.reshape(4, 2).mean(1)  # mean positive cosine at eps 0, 0.3, 0.6, 0.9
+    by_eps = pos.reshape(4, 4).mean(1)  # mean positive cosine at eps 0, 0.3, 0.6, 0.9
     assert (by_eps.diff() < -0.02).all(), by_eps
-    assert by_eps[0] > 0.8  # eps 0: pulled together as by InfoNCE (about 0.9 here)
+    assert by_eps[0] > 0.8  # eps 0: pulled together as by InfoNCE
 
 
 def test_complete_replaces_likely_noise_and_mixes_the_rest_with_probability_eps():
     eps = np.concatenate([np.zeros(20000), np.full(20000, 0.3), np.full(100, 0.51), np.ones(100)])
-    synthetic = nlip.complete(eps, 0.5, np.random.default_rng(0))
+    synthetic, eps_nitc = nlip.complete(eps, 0.5, np.random.default_rng(0))
     assert synthetic.dtype == bool and synthetic.shape == eps.shape
     assert not synthetic[:20000].any() and synthetic[40000:].all()
     assert synthetic[20000:40000].mean() == pytest.approx(0.3, abs=0.015)
-    assert (nlip.complete(eps, 0.5, np.random.default_rng(0)) == synthetic).all()  # seeded: the same each time
+    assert (eps_nitc == np.where(synthetic, 0.0, eps)).all()  # a synthetic caption's pair is not regularised
+    assert (nlip.complete(eps, 0.5, np.random.default_rng(0))[0] == synthetic).all()  # seeded: the same each time
 
 
 class _WordModel:

@@ -87,7 +87,7 @@ def test_bad_input_gives_one_line_error(argv, words, embedded, tmp_path):
     _fails_in_one_line(run_script("baseline.py", "--out-dir", tmp_path / "o", *root, *argv), *words)
 
 
-@pytest.mark.parametrize("script", ["baseline.py", "npc.py", "eval.py"])
+@pytest.mark.parametrize("script", ["baseline.py", "npc.py", "sdd.py", "nlip.py", "eval.py"])
 def test_unknown_dataset_or_bad_flag_value_is_one_line(script):
     _fails_in_one_line(run_script(script, "--dataset", "imagenet"), "--dataset", "invalid choice: 'imagenet'")
     _fails_in_one_line(run_script(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x"),
