@@ -277,9 +277,9 @@ def main():
         # ---- before each epoch, under the current model: eps, concepts, and (after warm-up) the completed captions
         t0, active = time.time(), epoch >= args.warmup_epochs
         eps, concepts = scan(clip, train, concept_ids, vocab, args, args.seed + epoch, preprocess, tokenizer, device)
+        hits = [len({vocab[c] for c in cs} & set(captions.tokenize(" ".join(t)))) / len(cs) for cs, t in zip(concepts.tolist(), truth)]
         stats = {"eps_auc": float(roc_auc_score(is_noisy, eps)) if 0 < is_noisy.mean() < 1 else None, "used": active,
-                 "concepts_in_truth": float(np.mean([len(set(captions.decode([c], vocab)[0].split()) & set(captions.tokenize(" ".join(t))))
-                                                     / len(c) for c, t in zip(concepts.tolist(), truth)]))}
+                 "concepts_in_truth": float(np.mean(hits))}  # the share of an image's concepts that its true captions hold
         log(f"epoch {epoch + 1} scan: eps AUC {stats['eps_auc'] or float('nan'):.3f} ({'used' if active else 'warm-up: not used'}), "
             f"concepts in the image's true captions {stats['concepts_in_truth']:.0%}")
         eps = eps if active else np.zeros_like(eps)
