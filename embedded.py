@@ -130,11 +130,10 @@ def ensure_embedded(root, sizes=None, seed=0):
     data.atomic_write(root / data.JSON_NAMES["embedded"], lambda f: f.write(json.dumps({"dataset": "embedded", "images": records}).encode()))
 
 
-def zero_shot(clip, root, preprocess, tokenizer, device):
-    """Zero-shot classification of the test images by shape, colour and colour-shape pair, prompt "a photo of a {class}".
-    A top-1 class counts as right if the image holds it (2-3 objects each); chance is the mean share of the classes an
-    image holds. -> {"shape": {"accuracy", "chance"}, "colour": ..., "colour shape": ...}"""
-    img = common.features(clip, data.load_split("embedded", root, "test"), preprocess, tokenizer, device)[0]  # (n, D)
+def zero_shot(clip, img, root, tokenizer, device):
+    """Zero-shot classification of the test images, img (n, D) their normalised features, by shape, colour and
+    colour-shape pair, prompt "a photo of a {class}". A top-1 class counts as right if the image holds it (2-3 objects
+    each); chance is the mean share of the classes an image holds. -> {"shape": {"accuracy", "chance"}, "colour": ...}"""
     records = json.loads((Path(root) / data.JSON_NAMES["embedded"]).read_text())["images"]
     objects = [[(o["shape"], o["colour"]) for o in im["objects"]] for im in records if im["split"] == "test"]
     out = {}

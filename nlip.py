@@ -230,10 +230,10 @@ def top_concepts(clip, img, concept_ids, vocab, k, tokenizer, device):
 
 def main():
     args = common.parse(parser, "nlip")
-    for flag, (low, high) in {"lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, None), "warmup_epochs": (0, None),
-                              "concepts": (1, None), "beam": (1, None), "dec_layers": (1, None), "max_words": (2, None)}.items():
-        if not low <= getattr(args, flag) <= (high if high is not None else float("inf")):
-            raise data.UserError(f"--{flag.replace('_', '-')} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, "
+    for flag, (low, high) in {"lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, np.inf), "warmup_epochs": (0, np.inf),
+                              "concepts": (1, np.inf), "beam": (1, np.inf), "dec_layers": (1, np.inf), "max_words": (2, np.inf)}.items():
+        if not low <= getattr(args, flag) <= high:
+            raise data.UserError(f"--{flag.replace('_', '-')} must be {f'in [{low}, {high}]' if high < np.inf else f'>= {low}'}, "
                                  f"got {getattr(args, flag)}")
 
     # ---- setup
@@ -330,16 +330,17 @@ def main():
     ck = common.load_checkpoint(f"{args.out_dir}/best.pt")
     clip.load_state_dict(ck["model"])
     extra = {"noise_rate": float(is_noisy.mean())}
+    img = common.features(clip, test, preprocess, tokenizer, device)[0]  # (n_img, D) for zero-shot and the concepts
     if args.dataset == "embedded":
-        extra["zero_shot"] = embedded.zero_shot(clip, args.data_root, preprocess, tokenizer, device)
+        extra["zero_shot"] = embedded.zero_shot(clip, img, args.data_root, tokenizer, device)
         log("test zero-shot classification, top-1 ('a photo of a {class}'): " + ", ".join(
             f"{k} {v['accuracy']:.1%} (chance {v['chance']:.1%})" for k, v in extra["zero_shot"].items()))
     if captioner:
         captioner.load_state_dict(ck["decoder"])
-        img = common.features(clip, test, preprocess, tokenizer, device)[0]
         written = write_captions(model, test.paths, top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
                                  vocab, args, preprocess, device)
-        extra["captioning"] = {"bleu4": captions.bleu4(written, data.by_image(test)), "cider": captions.cider(written, data.by_image(test))}
+        refs = data.by_image(test)
+        extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}
         log(f"test captioning ({'greedy' if args.beam == 1 else f'beam {args.beam}'}): BLEU-4 {extra['captioning']['bleu4']:.3f}  "
             f"CIDEr {extra['captioning']['cider']:.3f}")
     common.finish(args, "nlip", clip, test, preprocess, tokenizer, device, log, history, extra=extra)
