@@ -79,7 +79,7 @@ def main():
     opt = common.optimizer(model, args.lr, args.wd)
     net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
     total = args.epochs * len(loader)
-    start, best, history = common.resume(args, method, model, opt) if args.resume else (0, -1.0, [])
+    start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
         history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
@@ -89,7 +89,7 @@ def main():
     # ---- training: l = mean_i l_i over every pair of the batch
     for epoch in range(start, args.epochs):
         model.train()
-        loader.sampler.set_epoch(epoch)
+        common.start_epoch(loader, args, epoch)
         t0, losses = time.time(), []
         for i, (images, tokens, _) in enumerate(loader):
             common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
@@ -99,8 +99,9 @@ def main():
             common.train_step(net, opt, loss)
             losses.append(loss.item())
         train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": train_s, "dev": dev_r})
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
+        loss = common.global_mean(losses)  # the epoch's mean over every process
+        history.append({"epoch": epoch + 1, "loss": loss, "time_s": train_s, "dev": dev_r})
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
         best = common.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import resource
 import socket
 import sys
 import warnings
@@ -51,8 +52,10 @@ def parse(p, script):
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {args.noise}")
     args.out_dir = args.out_dir or f"out/{script}-{args.dataset}-n{args.noise:g}"
-    if args.resume and not (Path(args.out_dir) / "last.pt").is_file():
-        raise UserError(f"--resume: checkpoint {args.out_dir}/last.pt not found")
+    if args.resume:  # refuse another method's or model's checkpoint before any work
+        ck = load_checkpoint(Path(args.out_dir) / "last.pt", mmap=True)
+        if (ck.get("method"), ck.get("args", {}).get("model")) != (script, args.model):
+            raise UserError(f"{args.out_dir}/last.pt is not a {script} checkpoint of {args.model}")
     return args
 
 
@@ -72,10 +75,27 @@ def setup(args):
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" and dist.is_initialized() else device
-    for seed_fn in (random.seed, np.random.seed, torch.manual_seed):
-        seed_fn(args.seed + rank())
+    if device == "cuda" and dist.is_initialized():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)  # NCCL collectives (barrier, all_reduce) run on the current device
+    start_epoch(None, args, -1)
     return torch.device(device)
+
+
+def start_epoch(loader, args, epoch):
+    """The epoch's batch order and every random generator depend on (seed, rank, epoch) only: --resume is exact."""
+    if loader is not None:
+        loader.sampler.set_epoch(epoch)
+    for seed_fn in (random.seed, np.random.seed, torch.manual_seed):
+        seed_fn(args.seed + rank() + 1000 * (epoch + 1))
+
+
+def global_mean(xs):
+    """The mean of an epoch's per-step values over every process (all take the same number of steps)."""
+    m = torch.tensor(float(np.mean(xs)), dtype=torch.float64, device="cuda" if world() > 1 and dist.get_backend() == "nccl" else "cpu")
+    if world() > 1:
+        dist.all_reduce(m)
+    return m.item() / world()
 
 
 def rank():  # this process's index under torchrun, else 0
@@ -139,8 +159,8 @@ def load_model(model_name, pretrained, device, log=print):
     logging.disable(logging.WARNING)  # open_clip warns of a random init, which the line below states
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=path, device=device, **kwargs)
-    except RuntimeError as e:
-        raise UserError(f"cannot create {model_name} from {path}: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # noqa: BLE001 (not weights, or weights of another model: the same to the user)
+        raise UserError(f"cannot create {model_name} from {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})") from None
     finally:
         logging.disable(logging.NOTSET)
     log(f"model {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), weights: {path or 'random init'}")
@@ -203,15 +223,26 @@ def gmm_clean_prob(x, higher_is_clean=False, max_iter=100):
 
 # ---- Retrieval evaluation, any number of captions per image
 @torch.no_grad()
-def features(model, split, preprocess, tokenizer, device, batch_size=256):
-    """Normalised image features (n_img, D), each image encoded once, and caption features (n_cap, D)."""
-    model = getattr(model, "module", model).eval()
-    images = torch.utils.data.DataLoader(data.Images(split.paths, preprocess), batch_size)
+def features(model, split, preprocess, tokenizer, device, batch_size=256, local=False):
+    """Normalised image features (n_img, D), each image encoded once, and caption features (n_cap, D). Under DDP
+    (unless local) each process encodes every W-th image and caption, then the processes gather the whole."""
+    model, r, w = getattr(model, "module", model).eval(), *((0, 1) if local else (rank(), world()))
+    images = torch.utils.data.DataLoader(torch.utils.data.Subset(data.Images(split.paths, preprocess), range(r, len(split.paths), w)),
+                                         batch_size)
+    caps = split.captions[r::w]
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         img = [model.encode_image(x.to(device), normalize=True).float() for x, _ in tqdm(images, "images", leave=False, disable=None)]
-        txt = [model.encode_text(tokenizer(split.captions[i:i + batch_size]).to(device), normalize=True).float()
-               for i in range(0, len(split.captions), batch_size)]
-    return torch.cat(img), torch.cat(txt)
+        txt = [model.encode_text(tokenizer(caps[i:i + batch_size]).to(device), normalize=True).float() for i in range(0, len(caps), batch_size)]
+    return _unshard(torch.cat(img), len(split.paths), w), _unshard(torch.cat(txt), len(split.captions), w)
+
+
+def _unshard(x, n, w):
+    """x (about n / w, D): rows r, r + w, r + 2w ... of n, from process r -> all n rows, in order, in every process."""
+    if w == 1:
+        return x
+    parts = [x.new_zeros(-(-n // w), x.shape[1]) for _ in range(w)]
+    dist.all_gather(parts, torch.cat([x, x.new_zeros(len(parts[0]) - len(x), x.shape[1])]))
+    return torch.stack(parts, 1).flatten(0, 1)[:n]  # (n / w, w, D): row j of process r is item j * w + r
 
 
 def recall(sims, img_of_cap):
@@ -236,9 +267,9 @@ def fold_recall(sims, img_of_cap, fold=1000):
     return {k: float(np.mean([r[k] for r in folds])) for k in folds[0]}
 
 
-def evaluate(model, split, preprocess, tokenizer, device, coco_1k=False):
+def evaluate(model, split, preprocess, tokenizer, device, coco_1k=False, local=False):
     """Recalls on a split; with coco_1k also the five-fold 1K means, under key 'coco1k'."""
-    img, txt = features(model, split, preprocess, tokenizer, device)
+    img, txt = features(model, split, preprocess, tokenizer, device, local=local)
     sims = img @ txt.T  # (n_img, n_cap)
     return dict(recall(sims, split.img_of_cap), **({"coco1k": fold_recall(sims, split.img_of_cap)} if coco_1k else {}))
 
@@ -253,20 +284,18 @@ def save_checkpoint(path, obj):
     data.atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 (any failure to unpickle means the same thing to the user)
         raise UserError(f"cannot read checkpoint {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def resume(args, method, model, opt):
-    """Restore model and optimiser from out_dir/last.pt -> (next epoch, best dev rSum, history)."""
+def resume(args, model, opt):
+    """Restore model and optimiser from out_dir/last.pt (checked by parse) -> (next epoch, best dev rSum, history)."""
     ck = load_checkpoint(Path(args.out_dir) / "last.pt")
-    if (ck.get("method"), ck.get("args", {}).get("model")) != (method, args.model):
-        raise UserError(f"{args.out_dir}/last.pt is not a {method} checkpoint of {args.model}")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     return ck["epoch"] + 1, ck["best"], ck["history"]
@@ -294,7 +323,9 @@ def finish(args, method, model, test, preprocess, tokenizer, device, log, histor
     log(f"test (best dev epoch {ck['epoch'] + 1}): {fmt(r)}")
     if "coco1k" in r:
         log(f"test COCO 1K (mean of 5 folds): {fmt(r['coco1k'])}")
-    results = dict(method=method, args=vars(args), best_epoch=ck["epoch"] + 1, test=r, history=history, **(extra or {}))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results = dict(method=method, args=vars(args), best_epoch=ck["epoch"] + 1, test=r, history=history,
+                   peak_memory_gib=peak / 2**30, **(extra or {}))  # CUDA: allocated tensors; CPU: the process's peak RSS
     if rank() == 0:
         data.atomic_write(Path(args.out_dir) / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     return r

@@ -177,13 +177,13 @@ def pretrain_tiny(root, device, log=print, **overrides):
         pairs = torch.utils.data.Subset(data.Pairs(split, preprocess, tokenizer), (first + rng.integers(0, counts)).tolist())
         for images, tokens, _ in torch.utils.data.DataLoader(pairs, hp["batch_size"], shuffle=True, drop_last=True):
             common.set_lr(opt, step, hp["steps"], hp["warmup"], hp["lr"])
-            loss = common.info_nce(*model(images.to(device), tokens.to(device))).mean()
+            loss = common.info_nce(*model(images.to(device), tokens.to(device)), local=True).mean()  # rank 0 alone
             common.train_step(model, opt, loss)
             step += 1
             if step % 100 == 0 or step == hp["steps"]:
                 log(f"pretrain step {step:4d}/{hp['steps']}  loss {loss.item():.4f}")
             if step == hp["steps"]:
                 break
-    log(f"nc-tiny zero-shot test: {common.fmt(common.evaluate(model, data.load_split('embedded', root, 'test'), preprocess, tokenizer, device))}")
+    log(f"nc-tiny zero-shot test: {common.fmt(common.evaluate(model, data.load_split('embedded', root, 'test'), preprocess, tokenizer, device, local=True))}")
     common.save_checkpoint(path, model.state_dict())
     return str(path)

@@ -264,7 +264,7 @@ def main():
     steps = len(is_noisy) // args.batch_size  # per epoch (the loader drops the last partial batch)
     if steps == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
-    start, best, history = common.resume(args, "nlip", clip, opt) if args.resume else (0, -1.0, [])
+    start, best, history = common.resume(args, clip, opt) if args.resume else (0, -1.0, [])
     if start > 0:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}")
         if captioner:
@@ -297,7 +297,7 @@ def main():
         eps_t, lm_w = (torch.as_tensor(x, dtype=torch.float32) for x in (eps, 1 - eps))  # (N,) each
         loader = data.loader(data.Pairs(train._replace(captions=texts), preprocess, tokenizer), args.batch_size, args.workers,
                              args.seed)
-        loader.sampler.set_epoch(epoch)
+        common.start_epoch(loader, args, epoch)
         model.train()
         t0, nitcs, lms = time.time(), [], []
         for i, (images, tokens, k) in enumerate(loader):
@@ -311,9 +311,9 @@ def main():
             nitcs.append(nitc.mean().item())
             lms.append(lm.mean().item())
         train_s, dev_r = time.time() - t0, common.evaluate(clip, dev, preprocess, tokenizer, device)
-        history.append({"epoch": epoch + 1, "nitc": float(np.mean(nitcs)), "lm": float(np.mean(lms)), **stats,
-                        "time_s": train_s, "dev": dev_r})
-        log(f"epoch {epoch + 1}/{args.epochs}  L_NITC {np.mean(nitcs):.4f}  L_LM {np.mean(lms):.4f}  lr {lr:.2e}  "
+        nitc, lm = common.global_mean(nitcs), common.global_mean(lms)  # the epoch's means over every process
+        history.append({"epoch": epoch + 1, "nitc": nitc, "lm": lm, **stats, "time_s": train_s, "dev": dev_r})
+        log(f"epoch {epoch + 1}/{args.epochs}  L_NITC {nitc:.4f}  L_LM {lm:.4f}  lr {lr:.2e}  "
             f"train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
         if captioner:  # a few captions of images whose caption is noisy, as the decoder now writes them
             pairs = np.flatnonzero(is_noisy) if is_noisy.any() else np.arange(len(is_noisy))

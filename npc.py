@@ -182,7 +182,7 @@ def main():
     ddp = torch.nn.parallel.DistributedDataParallel
     net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
     total = args.epochs * len(loader)
-    start, best, history = common.resume(args, method, model, opt) if args.resume else (0, -1.0, [])
+    start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
         history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
@@ -192,7 +192,7 @@ def main():
     # ---- training
     for epoch in range(start, args.epochs):
         model.train()
-        loader.sampler.set_epoch(epoch)
+        common.start_epoch(loader, args, epoch)
         t0, losses, ws, ks = time.time(), [], [], []
         for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
             lr = common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
@@ -218,7 +218,7 @@ def main():
             ws.append(common.gather(w))
             ks.append(common.gather(k.to(device)))
         w, noisy = torch.cat(ws).cpu().numpy(), is_noisy[torch.cat(ks).cpu().numpy()]
-        stats = {"loss": float(np.mean(losses)), "w_mean": float(w.mean()), "w_std": float(w.std()),
+        stats = {"loss": common.global_mean(losses), "w_mean": float(w.mean()), "w_std": float(w.std()),
                  "w_clean": float(w[~noisy].mean()) if (~noisy).any() else None,
                  "w_noisy": float(w[noisy].mean()) if noisy.any() else None, "w_below_1": float((w < 1).mean())}
         train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)

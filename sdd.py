@@ -184,7 +184,7 @@ def main():
     ddp = torch.nn.parallel.DistributedDataParallel
     net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
     full = len(is_noisy) // args.batch_size  # steps in a full-set epoch: the schedule's unit
-    start, best, history = common.resume(args, "sdd", model, opt) if args.resume else (0, -1.0, [])
+    start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
         history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
@@ -207,7 +207,7 @@ def main():
         if len(loader) == 0:
             raise data.UserError(f"{int(keep.sum())} kept pairs make no full batch of {args.batch_size}")
         model.train()
-        loader.sampler.set_epoch(epoch)
+        common.start_epoch(loader, args, epoch)
         t0, losses, w_sigs, ks = time.time(), [], [], []
         for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
             step = int((epoch + i / len(loader)) * full)  # the schedule in fractions of an epoch of D_p
@@ -235,12 +235,13 @@ def main():
         parts = {"noisy": int(drop.sum()), "vague": int((~sure).sum()), "clean_insignificant": int((sure & (w_sig < 1)).sum()),
                  "clean_significant": int((sure & (w_sig == 1)).sum())}
         train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **epoch_stats, "partitions": parts,
+        loss = common.global_mean(losses)  # the epoch's mean over every process
+        history.append({"epoch": epoch + 1, "loss": loss, **epoch_stats, "partitions": parts,
                         "w_sig_mean": float(w_sig.mean()), "time_s": train_s, "dev": dev_r})
         log(f"epoch {epoch + 1}/{args.epochs}  dropped {parts['noisy']} (precision {epoch_stats['drop_precision'] or 0:.3f} "
             f"recall {epoch_stats['drop_recall'] or 0:.3f})  vague {parts['vague']}  clean-insignificant "
             f"{parts['clean_insignificant']}  clean-significant {parts['clean_significant']}  AUC(w_con) "
-            f"{epoch_stats['w_con_auc'] or float('nan'):.3f}  w_sig {w_sig.mean():.3f}  loss {np.mean(losses):.4f}  "
+            f"{epoch_stats['w_con_auc'] or float('nan'):.3f}  w_sig {w_sig.mean():.3f}  loss {loss:.4f}  "
             f"lr {lr:.2e}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
         best = common.save_epoch(args, "sdd", model, opt, epoch, best, history)
 

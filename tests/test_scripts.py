@@ -87,7 +87,7 @@ def test_bad_input_gives_one_line_error(argv, words, embedded, tmp_path):
     _fails_in_one_line(run_script("baseline.py", "--out-dir", tmp_path / "o", *root, *argv), *words)
 
 
-@pytest.mark.parametrize("script", ["baseline.py", "npc.py", "sdd.py", "nlip.py", "eval.py"])
+@pytest.mark.parametrize("script", ["baseline.py", "npc.py", "sdd.py", "nlip.py", "eval.py", "bench.py"])
 def test_unknown_dataset_or_bad_flag_value_is_one_line(script):
     _fails_in_one_line(run_script(script, "--dataset", "imagenet"), "--dataset", "invalid choice: 'imagenet'")
     _fails_in_one_line(run_script(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x"),
@@ -111,3 +111,27 @@ def test_resume_from_another_method_or_nothing_is_refused(finished, embedded, tm
     _fails_in_one_line(run_script("baseline.py", "--resume", "--out-dir", tmp_path), "last.pt not found")
     _fails_in_one_line(run_script("baseline.py", "--data-root", embedded, "--resume", "--clean-only", "--out-dir", out),
                        "last.pt is not a baseline-clean checkpoint of nc-tiny")
+
+
+@pytest.mark.parametrize("script,argv,words", [
+    ("npc.py", [], ["last.pt is not a npc checkpoint of nc-tiny"]),
+    ("sdd.py", [], ["last.pt is not a sdd checkpoint of nc-tiny"]),
+    ("nlip.py", [], ["last.pt is not a nlip checkpoint of nc-tiny"]),
+    ("baseline.py", ["--model", "ViT-B-32"], ["last.pt is not a baseline checkpoint of ViT-B-32"]),
+])
+def test_resume_from_another_model_or_method_is_refused_before_any_work(script, argv, words, finished, embedded):
+    out, _ = finished
+    p = run_script(script, "--data-root", embedded, "--resume", "--out-dir", out, *argv)
+    _fails_in_one_line(p, *words)
+    assert "memory bank" not in p.stdout and "start: dev" not in p.stdout
+
+
+def test_weights_or_checkpoint_of_another_model_or_no_weights_at_all_is_one_line(finished, embedded, tmp_path):
+    out, _ = finished
+    _fails_in_one_line(run_script("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32"), "does not fit ViT-B-32")
+    (tmp_path / "notes.pt").write_text("not weights")
+    for script, out in (("baseline.py", ["--out-dir", tmp_path / "o"]), ("eval.py", [])):
+        _fails_in_one_line(run_script(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *out),
+                           "cannot create nc-tiny from", "notes.pt")
+    _fails_in_one_line(run_script("eval.py", "--checkpoint", tmp_path / "notes.pt"), "cannot read checkpoint", "notes.pt")
+    assert not (tmp_path / "o" / "results.json").exists()

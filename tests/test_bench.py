@@ -1,0 +1,44 @@
+"""bench.py --quick: every method at noise 0.4 on small data, the table checked against each run's own results."""
+import json
+
+import pytest
+from conftest import run_script
+
+COLUMNS = ["noise", "method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum", "% of clean-only", "detection AUC",
+           "s / epoch", "x baseline", "peak GiB"]
+
+
+def _table(path):
+    lines = path.read_text().strip().splitlines()
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == COLUMNS
+    return {cells[1]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
+
+
+def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedded, tmp_path):
+    p = run_script("bench.py", "--quick", "--data-root", embedded, "--out-dir", tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = _table(tmp_path / "table.md")
+    assert list(rows) == ["clean", "baseline", "npc", "sdd", "nlip"]
+    res = {m: json.loads((tmp_path / f"{m}-n0.4" / "results.json").read_text()) for m in rows}
+    for m, cells in rows.items():
+        r, args = res[m]["test"], res[m]["args"]
+        assert (args["noise"], args["epochs"], args["batch_size"], args["seed"], args["noise_seed"]) == (0.4, 1, 32, 99, 0)
+        assert [float(c) for c in cells[2:9]] == pytest.approx(
+            [r[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")], abs=0.051)
+        assert float(cells[9]) == pytest.approx(100 * r["rsum"] / res["clean"]["test"]["rsum"], abs=0.051)
+        assert (cells[10] == "-") == (m in ("clean", "baseline"))
+        assert m in ("clean", "baseline") or 0.5 < float(cells[10]) <= 1  # the noisy pairs are found better than chance
+        assert float(cells[11]) > 0 and float(cells[13]) > 0
+    assert float(rows["baseline"][12]) == 1.0
+    assert res["clean"]["method"] == "baseline-clean" and res["nlip"]["args"]["pretrained"].endswith("nc-tiny-pretrained.pt")
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert len(summary["runs"]) == 5 and summary["budget"]["epochs"] == 1
+
+    again = run_script("bench.py", "--quick", "--data-root", embedded, "--out-dir", tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("reused") == 5 and _table(tmp_path / "table.md") == rows
+
+
+def test_bench_bad_noise_is_one_line(tmp_path):
+    p = run_script("bench.py", "--noise", "0.4", "1.0", "--out-dir", tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == "error: --noise must be in [0, 1), got [0.4, 1.0]"
