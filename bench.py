@@ -33,7 +33,8 @@ import data
 import embedded
 
 ROOT = Path(__file__).resolve().parent
-METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"], "sdd": ["sdd.py"], "nlip": ["nlip.py"]}
+METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"], "sdd": ["sdd.py"],
+           "nlip": ["nlip.py"]}  # the table's rows, in order; clean (the upper bound) first
 QUICK = {"sizes": {"pretrain": 600, "train": 240, "dev": 100, "test": 100}, "epochs": 1, "batch_size": 32, "warmup": 3}
 
 p = common.Parser(__doc__)
@@ -61,10 +62,11 @@ def source_hash():
 def command(method, noise, args, budget):
     """The argv of one run (without --out-dir)."""
     script, *flags = METHODS[method]
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [])
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+                                 if args.nproc > 1 else [])
     argv = launch + [str(ROOT / script), *flags, "--dataset", args.dataset, "--noise", f"{noise:g}", "--seed", str(args.seed),
-                     "--noise-seed", str(args.noise_seed), "--epochs", str(budget["epochs"]), "--batch-size", str(budget["batch_size"]),
-                     "--warmup", str(budget["warmup"])]
+                     "--noise-seed", str(args.noise_seed), "--epochs", str(budget["epochs"]),
+                     "--batch-size", str(budget["batch_size"]), "--warmup", str(budget["warmup"])]
     argv += ["--data-root", str(args.data_root)] if args.data_root else []
     argv += ["--device", args.device] if args.device else []
     if method == "nlip":  # fine-tune the shared pre-trained CLIP at the shared lr (its own defaults: from scratch)
@@ -164,7 +166,8 @@ def main():
     print(md)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     data.atomic_write(Path(args.out_dir) / "table.md", lambda f: f.write((md + "\n").encode()))
-    summary = {"budget": budget, "code": code, "runs": [dict(method=m, noise=n, **(c or {"failed": True})) for (m, n), c in cells.items()]}
+    runs = [dict(method=m, noise=n, **(c or {"failed": True})) for (m, n), c in cells.items()]
+    summary = {"budget": budget, "code": code, "runs": runs}
     data.atomic_write(Path(args.out_dir) / "bench.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     if any(c is None for c in cells.values()):
         raise data.UserError(f"{sum(c is None for c in cells.values())} runs failed; their logs are under {args.out_dir}")

@@ -92,9 +92,10 @@ def start_epoch(loader, args, epoch):
 
 def global_mean(xs):
     """The mean of an epoch's per-step values over every process (all take the same number of steps)."""
-    m = torch.tensor(float(np.mean(xs)), dtype=torch.float64, device="cuda" if world() > 1 and dist.get_backend() == "nccl" else "cpu")
-    if world() > 1:
-        dist.all_reduce(m)
+    if world() == 1:
+        return float(np.mean(xs))
+    m = torch.tensor(float(np.mean(xs)), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(m)
     return m.item() / world()
 
 
@@ -227,12 +228,13 @@ def features(model, split, preprocess, tokenizer, device, batch_size=256, local=
     """Normalised image features (n_img, D), each image encoded once, and caption features (n_cap, D). Under DDP
     (unless local) each process encodes every W-th image and caption, then the processes gather the whole."""
     model, r, w = getattr(model, "module", model).eval(), *((0, 1) if local else (rank(), world()))
-    images = torch.utils.data.DataLoader(torch.utils.data.Subset(data.Images(split.paths, preprocess), range(r, len(split.paths), w)),
-                                         batch_size)
+    shard = torch.utils.data.Subset(data.Images(split.paths, preprocess), range(r, len(split.paths), w))
     caps = split.captions[r::w]
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        img = [model.encode_image(x.to(device), normalize=True).float() for x, _ in tqdm(images, "images", leave=False, disable=None)]
-        txt = [model.encode_text(tokenizer(caps[i:i + batch_size]).to(device), normalize=True).float() for i in range(0, len(caps), batch_size)]
+        img = [model.encode_image(x.to(device), normalize=True).float()
+               for x, _ in tqdm(torch.utils.data.DataLoader(shard, batch_size), "images", leave=False, disable=None)]
+        txt = [model.encode_text(tokenizer(caps[i:i + batch_size]).to(device), normalize=True).float()
+               for i in range(0, len(caps), batch_size)]
     return _unshard(torch.cat(img), len(split.paths), w), _unshard(torch.cat(txt), len(split.captions), w)
 
 
@@ -325,7 +327,7 @@ def finish(args, method, model, test, preprocess, tokenizer, device, log, histor
         log(f"test COCO 1K (mean of 5 folds): {fmt(r['coco1k'])}")
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results = dict(method=method, args=vars(args), best_epoch=ck["epoch"] + 1, test=r, history=history,
-                   peak_memory_gib=peak / 2**30, **(extra or {}))  # CUDA: allocated tensors; CPU: the process's peak RSS
+                   peak_memory_gib=peak / 2**30, **(extra or {}))  # CUDA: tensors allocated; CPU: the process's peak RSS
     if rank() == 0:
         data.atomic_write(Path(args.out_dir) / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     return r

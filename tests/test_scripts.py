@@ -1,10 +1,10 @@
 """The scripts end to end: a short fine-tune that improves on its start, resume, eval.py, and bad input."""
+import importlib
 import json
 
 import pytest
 from conftest import run_script
 
-import baseline
 import common
 
 FAST = ["--epochs", "2", "--batch-size", "48", "--warmup", "5", "--lr", "5e-4"]
@@ -34,31 +34,6 @@ def test_baseline_improves_recall_over_its_start(finished, embedded):
     assert json.loads((out / "best.json").read_text())["rsum"] == pytest.approx(res["test"]["rsum"], abs=1e-6)
 
 
-def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(finished, embedded, tmp_path, monkeypatch):
-    _, want = finished
-    argv = ["baseline.py", "--data-root", str(embedded), "--noise", "0", "--out-dir", str(tmp_path), *FAST]
-    save = common.save_epoch
-
-    def crash_after_first_epoch(args, method, model, opt, epoch, *rest, **kw):
-        best = save(args, method, model, opt, epoch, *rest, **kw)
-        if epoch == 0:
-            raise KeyboardInterrupt
-        return best
-
-    monkeypatch.setattr("sys.argv", argv)
-    monkeypatch.setattr(common, "save_epoch", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        baseline.main()
-    assert not (tmp_path / "results.json").exists()
-    monkeypatch.setattr(common, "save_epoch", save)
-    monkeypatch.setattr("sys.argv", argv + ["--resume"])
-    baseline.main()
-    got = json.loads((tmp_path / "results.json").read_text())
-    assert "resumed from" in (tmp_path / "log.txt").read_text()
-    assert [h["dev"]["rsum"] for h in got["history"]] == pytest.approx([h["dev"]["rsum"] for h in want["history"]])
-    assert got["test"]["rsum"] == pytest.approx(want["test"]["rsum"])
-
-
 def test_clean_only_trains_on_the_clean_pairs(embedded, tmp_path):
     p = run_script("baseline.py", "--data-root", embedded, "--noise", "0.4", "--clean-only", "--out-dir", tmp_path,
                    "--epochs", "1", "--batch-size", "48", "--warmup", "5")
@@ -75,6 +50,33 @@ def _fails_in_one_line(p, *words):
         assert w in lines[0], lines[0]
 
 
+@pytest.fixture
+def fails_here(capsys, monkeypatch, tmp_path):
+    """fails_here(script, *argv, words=[...]): the script's main, in this process (its code path is the command's:
+    common.run), ends with exit status 2 and one error line holding the words, and writes no results. -> stdout"""
+    monkeypatch.chdir(tmp_path)  # the default data/embedded and out/ are never the repository's
+
+    def check(script, *argv, words=()):
+        monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            common.run(importlib.import_module(script[:-3]).main)
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        for w in words:
+            assert w in lines[0], lines[0]
+        assert not list(tmp_path.rglob("results.json"))
+        return out
+    return check
+
+
+def test_bad_input_from_the_command_line_is_one_line_and_exit_2(embedded, tmp_path):
+    _fails_in_one_line(run_script("baseline.py", "--data-root", embedded, "--noise", "1.2", "--out-dir", tmp_path),
+                       "--noise must be in [0, 1)")
+    _fails_in_one_line(run_script("npc.py", "--dataset", "imagenet"), "--dataset", "invalid choice: 'imagenet'")
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--dataset", "f30k", "--data-root", "/no/such/folder"], ["/no/such/folder", "does not exist"]),
     (["--dataset", "f30k"], ["--data-root is required"]),
@@ -82,16 +84,15 @@ def _fails_in_one_line(p, *words):
     (["--noise", "-0.1"], ["--noise must be in [0, 1)"]),
     (["--pretrained", "/no/such/weights.pt"], ["neither a file nor a tag"]),
 ])
-def test_bad_input_gives_one_line_error(argv, words, embedded, tmp_path):
+def test_bad_input_gives_one_line_error(argv, words, embedded, fails_here):
     root = [] if "--data-root" in argv or "--dataset" in argv else ["--data-root", embedded]
-    _fails_in_one_line(run_script("baseline.py", "--out-dir", tmp_path / "o", *root, *argv), *words)
+    fails_here("baseline.py", "--out-dir", "o", *root, *argv, words=words)
 
 
 @pytest.mark.parametrize("script", ["baseline.py", "npc.py", "sdd.py", "nlip.py", "eval.py", "bench.py"])
-def test_unknown_dataset_or_bad_flag_value_is_one_line(script):
-    _fails_in_one_line(run_script(script, "--dataset", "imagenet"), "--dataset", "invalid choice: 'imagenet'")
-    _fails_in_one_line(run_script(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x"),
-                       "invalid")
+def test_unknown_dataset_or_bad_flag_value_is_one_line(script, fails_here):
+    fails_here(script, "--dataset", "imagenet", words=["--dataset", "invalid choice: 'imagenet'"])
+    fails_here(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x", words=["invalid"])
 
 
 def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
@@ -106,32 +107,24 @@ def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
                        "missing", "dev_00001.png")
 
 
-def test_resume_from_another_method_or_nothing_is_refused(finished, embedded, tmp_path):
-    out, _ = finished
-    _fails_in_one_line(run_script("baseline.py", "--resume", "--out-dir", tmp_path), "last.pt not found")
-    _fails_in_one_line(run_script("baseline.py", "--data-root", embedded, "--resume", "--clean-only", "--out-dir", out),
-                       "last.pt is not a baseline-clean checkpoint of nc-tiny")
-
-
 @pytest.mark.parametrize("script,argv,words", [
+    ("baseline.py", ["--clean-only"], ["last.pt is not a baseline-clean checkpoint of nc-tiny"]),
     ("npc.py", [], ["last.pt is not a npc checkpoint of nc-tiny"]),
     ("sdd.py", [], ["last.pt is not a sdd checkpoint of nc-tiny"]),
     ("nlip.py", [], ["last.pt is not a nlip checkpoint of nc-tiny"]),
     ("baseline.py", ["--model", "ViT-B-32"], ["last.pt is not a baseline checkpoint of ViT-B-32"]),
 ])
-def test_resume_from_another_model_or_method_is_refused_before_any_work(script, argv, words, finished, embedded):
+def test_resume_from_another_model_or_method_is_refused_before_any_work(script, argv, words, finished, embedded, fails_here):
     out, _ = finished
-    p = run_script(script, "--data-root", embedded, "--resume", "--out-dir", out, *argv)
-    _fails_in_one_line(p, *words)
-    assert "memory bank" not in p.stdout and "start: dev" not in p.stdout
+    assert fails_here(script, "--data-root", embedded, "--resume", "--out-dir", out, *argv, words=words) == ""  # nothing ran
 
 
-def test_weights_or_checkpoint_of_another_model_or_no_weights_at_all_is_one_line(finished, embedded, tmp_path):
+def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(finished, embedded, fails_here, tmp_path):
     out, _ = finished
-    _fails_in_one_line(run_script("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32"), "does not fit ViT-B-32")
+    fails_here("baseline.py", "--data-root", embedded, "--resume", "--out-dir", "o", words=["last.pt not found"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32", words=["does not fit ViT-B-32"])
     (tmp_path / "notes.pt").write_text("not weights")
-    for script, out in (("baseline.py", ["--out-dir", tmp_path / "o"]), ("eval.py", [])):
-        _fails_in_one_line(run_script(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *out),
-                           "cannot create nc-tiny from", "notes.pt")
-    _fails_in_one_line(run_script("eval.py", "--checkpoint", tmp_path / "notes.pt"), "cannot read checkpoint", "notes.pt")
-    assert not (tmp_path / "o" / "results.json").exists()
+    for script, rest in (("baseline.py", ["--out-dir", "o"]), ("eval.py", [])):
+        fails_here(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *rest,
+                   words=["cannot create nc-tiny from", "notes.pt"])
+    fails_here("eval.py", "--checkpoint", tmp_path / "notes.pt", words=["cannot read checkpoint", "notes.pt"])
