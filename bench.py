@@ -74,14 +74,19 @@ def command(method, noise, args, budget):
     return argv
 
 
+def portable(argv):
+    """argv with the interpreter and the scripts by name only: a run done in another checkout of the same code counts."""
+    return [Path(argv[0]).name] + [Path(a).name if a.endswith(".py") else a for a in argv[1:]]
+
+
 def run(method, noise, args, budget, code):
     """Run (or reuse) one cell -> dict with results.json, wall seconds and the command."""
     out = Path(args.out_dir) / f"{method}-n{noise:g}"
     argv = command(method, noise, args, budget)
-    key = {"argv": [Path(a).name if a == sys.executable else a for a in argv], "code": code}
+    key = {"argv": argv, "code": code}
     if not args.fresh and (out / "results.json").is_file() and (out / "bench.json").is_file():
         done = json.loads((out / "bench.json").read_text())
-        if {k: done[k] for k in key} == key:
+        if (portable(done["argv"]), done["code"]) == (portable(argv), code):
             print(f"{method:>8} noise {noise:g}: reused {out}", flush=True)
             return dict(done, results=json.loads((out / "results.json").read_text()))
     shutil.rmtree(out, ignore_errors=True)
@@ -152,7 +157,8 @@ def main():
         defaults["pretrained"] = embedded.prepare(args.data_root, common.torch.device("cpu"))
     elif args.data_root is None:
         raise data.UserError(f"--data-root is required for --dataset {args.dataset}")
-    budget = dict(defaults, **({k: QUICK[k] for k in ("epochs", "batch_size", "warmup")} if args.quick else {}))
+    budget = {k: defaults[k] for k in ("model", "pretrained", "epochs", "batch_size", "lr", "warmup")}  # what every run shares
+    budget.update({k: QUICK[k] for k in ("epochs", "batch_size", "warmup")} if args.quick else {})
     budget.update({k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None})
     code, methods = source_hash(), [m for m in METHODS if m in args.methods]  # clean first: the reference
     print(f"bench: {methods} x noise {noises}, budget {budget}, out {args.out_dir}", flush=True)
