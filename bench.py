@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import common
 import data
 import embedded
@@ -153,8 +155,8 @@ def main():
         args.data_root = args.data_root or (f"{args.out_dir}/data" if args.quick else defaults["data_root"])
         if args.quick:  # a small dataset and a briefly pre-trained tiny CLIP (as the tests use)
             embedded.ensure_embedded(args.data_root, QUICK["sizes"])
-            embedded.pretrain_tiny(args.data_root, common.torch.device("cpu"), steps=150, batch_size=64, warmup=15)
-        defaults["pretrained"] = embedded.prepare(args.data_root, common.torch.device("cpu"))
+            embedded.pretrain_tiny(args.data_root, torch.device("cpu"), steps=150, batch_size=64, warmup=15)
+        defaults["pretrained"] = embedded.prepare(args.data_root, torch.device("cpu"))
     elif args.data_root is None:
         raise data.UserError(f"--data-root is required for --dataset {args.dataset}")
     budget = {k: defaults[k] for k in ("model", "pretrained", "epochs", "batch_size", "lr", "warmup")}  # what every run shares
