@@ -47,6 +47,9 @@ parser.add_argument("--workers", type=int, help="DataLoader worker processes")
 parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
+parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
 parser.add_argument("--clean-only", action="store_true", help="train on the truly clean pairs only (the upper bound)")
 
 
@@ -56,7 +59,7 @@ def main():
 
     # ---- setup
     device = common.setup(args)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
     log = common.logger(args.out_dir)
     log(f"{method}: {vars(args)}")
     if args.dataset == "embedded" and args.pretrained is None:
@@ -68,7 +71,8 @@ def main():
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
-    pairs = data.Pairs(train, preprocess, tokenizer)
+    pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
+    pairs = data.Pairs(train, pixels, tokenizer)
     if args.clean_only:
         pairs = torch.utils.data.Subset(pairs, np.flatnonzero(~is_noisy).tolist())
     loader = data.loader(pairs, args.batch_size, args.workers, args.seed)
@@ -78,10 +82,11 @@ def main():
     # ---- optimiser, DDP, resume
     opt = common.optimizer(model, args.lr, args.wd)
     net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
+    net = torch.compile(net) if args.compile else net
     total = args.epochs * len(loader)
     start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
-        history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
+        history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
     else:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}")
@@ -94,18 +99,18 @@ def main():
         for i, (images, tokens, _) in enumerate(loader):
             common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
             with amp:
-                img, txt, scale = net(images.to(device), tokens.to(device))
+                img, txt, scale = net(pixels.normalize(images.to(device)), tokens.to(device))
                 loss = common.info_nce(img, txt, scale).mean()
             common.train_step(net, opt, loss)
             losses.append(loss.item())
-        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
+        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, pixels, tokenizer, device)
         loss = common.global_mean(losses)  # the epoch's mean over every process
         history.append({"epoch": epoch + 1, "loss": loss, "time_s": train_s, "dev": dev_r})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
         best = common.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
-    common.finish(args, method, model, test, preprocess, tokenizer, device, log, history,
+    common.finish(args, method, model, test, pixels, tokenizer, device, log, history,
                   extra={"noise_rate": float(is_noisy.mean())})
 
 

@@ -4,6 +4,8 @@
     python bench.py --quick                 # CI size: small generated data, 1 epoch, noise 0.4 (2-3 min on 2 cores)
     python bench.py --methods baseline sdd --noise 0.4 0.8
     python bench.py --dataset f30k --data-root /data/f30k --nproc 8   # the paper's table, ViT-B-32 'openai', 8 GPUs
+    python bench.py --input --dataset f30k --data-root out/f30k-like --fake-f30k 2000 --workers 2   # input pipeline
+    python bench.py --agreement             # NPC's look-ahead ratio under bf16 against fp32 training forwards
 
 Each run is the method's own script in a subprocess, with the dataset's defaults and the same seed, noise seed,
 epochs and batch size for all (the budget); each method keeps its own learning rate and settings. Runs go to
@@ -19,7 +21,14 @@ evaluation included, divided by its epochs) and its ratio to the baseline's at t
 process's peak resident memory; CUDA: peak allocated tensors of rank 0).
 NLIP is a pre-training method (its own defaults train from scratch); here it fine-tunes the same pre-trained CLIP as
 the others with the shared defaults, so that the rows compare.
+
+--input: images/s of a training loader's images (shuffled, batch 256, --workers processes) at the model's input
+size, decoded per sample with PIL and read from the decode-once cache, and the time to build the cache.
+--agreement: NPC's first look-ahead step (fresh AdamW, nc-tiny, 8 batches of 128 pairs with their memory pairs, noise
+0.4) with the training forward in fp32 and in bf16 autocast (CPU), at lr 1e-5 and 5e-4: the share of pairs on
+which both agree about w < 1, with the memory losses in fp32 (npc.py, sdd.py) and in bf16 (their earlier form).
 """
+import copy
 import hashlib
 import json
 import shutil
@@ -27,12 +36,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import open_clip
 import torch
 
 import common
 import data
 import embedded
+import npc
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"], "sdd": ["sdd.py"],
@@ -53,6 +66,10 @@ p.add_argument("--nproc", type=int, default=1, help="processes per run; above 1 
 p.add_argument("--out-dir", help="default: out/bench-<dataset> (out/bench-quick with --quick)")
 p.add_argument("--quick", action="store_true", help="CI size: small data, 1 epoch, noise 0.4 unless --noise is given")
 p.add_argument("--fresh", action="store_true", help="rerun every run, even those already finished")
+p.add_argument("--input", action="store_true", help="measure the input pipeline only (images/s, PIL against the cache)")
+p.add_argument("--fake-f30k", type=int, help="with --input: first write this many generated 500x375 JPEGs as f30k")
+p.add_argument("--workers", type=int, default=2, help="with --input: DataLoader worker processes")
+p.add_argument("--agreement", action="store_true", help="measure the look-ahead ratio's bf16/fp32 agreement only")
 
 
 def source_hash():
@@ -142,8 +159,84 @@ def table(cells, methods, noises):
     return "\n".join(lines)
 
 
+def input_speed(args):
+    """Images/s of the training images, per-sample PIL against the cache (built first, timed), at the model's size."""
+    if args.fake_f30k:
+        embedded.write_f30k_like(args.data_root, {"train": args.fake_f30k, "dev": 10, "test": 10})
+    paths = data.load_split(args.dataset, args.data_root, "train").paths
+    model = (common.EMBEDDED if args.dataset == "embedded" else common.REAL)["model"]
+    preprocess = open_clip.image_transform(open_clip.get_model_config(model)["vision_cfg"]["image_size"], is_train=False)
+    out = {"images": len(paths), "workers": args.workers, "model": model}
+    for name, folder in (("pil", None), ("cache", Path(args.out_dir) / "input-cache")):
+        shutil.rmtree(Path(args.out_dir) / "input-cache", ignore_errors=True)
+        t0 = time.time()
+        images = data.Pixels(preprocess, folder, args.workers).images(paths)
+        out["cache_build_s"] = time.time() - t0 if folder else None
+        loader = torch.utils.data.DataLoader(images, 256, shuffle=True, num_workers=args.workers)
+        t0, n = time.time(), 0
+        for x, _ in loader:
+            n += len(x)
+        out[f"{name}_images_per_s"] = n / (time.time() - t0)
+        print(f"{name:>5}: {out[f'{name}_images_per_s']:8.0f} images/s ({n} images of {tuple(x.shape[1:])}, "
+              f"{args.workers} workers)" + (f"; built in {out['cache_build_s']:.1f} s" if folder else ""), flush=True)
+    return out
+
+
+def agreement(args):
+    """Share of pairs on which NPC's look-ahead ratio r says the same (r < 1 or not) under bf16 and fp32 training."""
+    root, device = Path(common.EMBEDDED["data_root"]), torch.device("cpu")
+    model, preprocess, tokenizer = common.load_model("nc-tiny", embedded.prepare(root, device), device)
+    pixels = data.Pixels(preprocess, root)
+    train, is_noisy = data.noisy_train("embedded", root, 0.4, 0)
+    flags = SimpleNamespace(batch_size=128, seed=99, bank_threshold=0.9)
+    bank_img, bank_txt, _ = npc.memory_bank(model, train, is_noisy, flags, pixels, tokenizer, device, print)
+    pairs = npc.WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
+    batches = list(torch.utils.data.DataLoader(pairs, 128, shuffle=True, generator=torch.Generator().manual_seed(0)))[:8]
+    out = {}
+    for lr in (1e-5, 5e-4):
+        r = {}
+        for mode in ("fp32", "bf16", "bf16 memory"):
+            amp = torch.autocast("cpu", torch.bfloat16, enabled=mode != "fp32")
+            losses = bf16_memory_losses if mode == "bf16 memory" else npc.memory_losses
+            r[mode] = []
+            for images, tokens, _, images_I, tokens_I, images_T, tokens_T in batches:
+                memory = pixels.normalize(torch.cat([images_I, images_T])), torch.cat([tokens_I, tokens_T])  # (2B, ...)
+                siamese = copy.deepcopy(model)
+                opt = common.optimizer(siamese, lr, 0.2)
+                l_I, l_T = losses(model, *memory)
+                with amp:
+                    loss = common.info_nce(*siamese(pixels.normalize(images), tokens)).mean()
+                common.train_step(siamese, opt, loss)
+                l_I_after, l_T_after = losses(siamese, *memory)
+                r[mode].append((l_I / l_I_after + l_T / l_T_after) / 2)
+            r[mode] = torch.cat(r[mode]).numpy()
+        out[f"lr {lr:g}"] = {"r_mean": float(r["fp32"].mean()), "r_sd": float(r["fp32"].std()),
+                             "agree_fp32_memory": float(np.mean((r["bf16"] < 1) == (r["fp32"] < 1))),
+                             "agree_bf16_memory": float(np.mean((r["bf16 memory"] < 1) == (r["fp32"] < 1)))}
+        print(f"lr {lr:g}: r (fp32) mean {r['fp32'].mean():.4f} sd {r['fp32'].std():.4f}; bf16 training agrees with fp32 about "
+              f"w < 1 on {out[f'lr {lr:g}']['agree_fp32_memory']:.1%} of {len(r['fp32'])} pairs with fp32 memory losses, "
+              f"{out[f'lr {lr:g}']['agree_bf16_memory']:.1%} with bf16 memory losses", flush=True)
+    return out
+
+
+def bf16_memory_losses(model, images, tokens):
+    """The memory losses as npc.py and sdd.py computed them before: under bf16 autocast (fp32 out)."""
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        img, txt, scale = model(images, tokens)
+        return tuple(common.info_nce(a, b, scale).float() for a, b in zip(img.chunk(2), txt.chunk(2)))
+
+
 def main():
     args = p.parse_args()
+    if args.input or args.agreement:
+        args.out_dir = args.out_dir or "out/bench-precision-input"
+        if args.input and args.data_root is None:
+            raise data.UserError("--input needs --data-root (with --fake-f30k N, a folder to write generated JPEGs to)")
+        result = input_speed(args) if args.input else agreement(args)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        name = "input.json" if args.input else "agreement.json"
+        data.atomic_write(Path(args.out_dir) / name, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        return
     noises = args.noise or ([0.4] if args.quick else [0.0, 0.2, 0.4, 0.6, 0.8])
     if not all(0 <= n < 1 for n in noises):
         raise data.UserError(f"--noise must be in [0, 1), got {noises}")

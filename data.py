@@ -12,8 +12,11 @@ On-disk layouts (--data-root is the folder holding them):
                  Images under images/: f30k names from annotations/scan_split/image_name.txt (line = id),
                  coco COCO_2014_<id, 12 digits>.jpg, cc120k <id>.jpg.
 """
+import fcntl
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torchvision import transforms
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -136,8 +141,8 @@ def inject_noise(split, noise, seed, cache_file):
 
 
 def noisy_train(dataset, root, noise, seed):
-    """The training split with noise injected; the permutation is cached in root/noise/. -> (split, is_noisy)"""
-    cache = Path(root) / "noise" / f"{dataset}_n{noise:g}_s{seed}.npy"
+    """The training split with noise injected; the permutation is cached in cache_dir(root)/noise/. -> (split, is_noisy)"""
+    cache = cache_dir(root) / "noise" / f"{dataset}_n{noise:g}_s{seed}.npy"
     return inject_noise(load_split(dataset, root, "train"), noise, seed, cache)
 
 
@@ -149,14 +154,6 @@ def by_image(split):
     return out
 
 
-def load_image(path, preprocess):
-    try:
-        with Image.open(path) as im:
-            return preprocess(im.convert("RGB"))
-    except OSError as e:
-        raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e})") from None
-
-
 def loader(ds, batch_size, workers, seed):
     """Shuffled training batches, batch_size / W pairs in each of W processes; the order depends on (seed, epoch) only."""
     w, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -166,27 +163,115 @@ def loader(ds, batch_size, workers, seed):
 
 
 class Pairs(torch.utils.data.Dataset):
-    """Caption slot k -> (image (3, H, W), tokens (L,), k)."""
+    """Caption slot k -> (image uint8 (3, S, S), tokens (L,), k); images from Pixels.images."""
 
-    def __init__(self, split, preprocess, tokenizer):
-        self.split, self.preprocess, self.tokenizer = split, preprocess, tokenizer
+    def __init__(self, split, pixels, tokenizer):
+        self.split, self.images, self.tokenizer = split, pixels.images(split.paths), tokenizer
 
     def __len__(self):
         return len(self.split.captions)
 
     def __getitem__(self, k):
-        image = load_image(self.split.paths[self.split.img_of_cap[k]], self.preprocess)
-        return image, self.tokenizer([self.split.captions[k]])[0], k
+        return self.images[self.split.img_of_cap[k]][0], self.tokenizer([self.split.captions[k]])[0], k
 
 
-class Images(torch.utils.data.Dataset):
-    """Image i -> (image (3, H, W), i), each image once (for evaluation)."""
+# ---------------------------------------------------------------------------------------------------------
+# Images: decoded once into a uint8 cache (or per sample with PIL), normalised on the device
+def cache_dir(root):
+    """Where the caches of the data in root go (noise permutations, decoded images): root itself if it is writable,
+    else $NC_CACHE or ~/.cache/noisy-correspondence, in a folder named after root's absolute path."""
+    if os.access(root, os.W_OK):
+        return Path(root)
+    home = Path(os.environ.get("NC_CACHE") or Path.home() / ".cache" / "noisy-correspondence")
+    return home / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
 
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
+
+class Pixels:
+    """open_clip's preprocess cut in two. Its PIL steps (resize, crop, RGB) turn a file into uint8 (3, S, S), read from
+    a decode-once cache (a memory-mapped .npy under folder, built on first use) or, with folder None, decoded per
+    sample; normalize() does its ToTensor and Normalize on a batch, on the device, with the same float operations."""
+
+    def __init__(self, preprocess, folder=None, workers=0):
+        steps = list(preprocess.transforms)
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, transforms.ToTensor)), None)
+        if cut is None or len(steps) != cut + 2 or not isinstance(steps[-1], transforms.Normalize):
+            raise UserError(f"cannot cut this preprocess into PIL steps, ToTensor, Normalize: {preprocess}")
+        self.pil, self.folder, self.workers = transforms.Compose(steps[:cut]), folder, workers
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (steps[-1].mean, steps[-1].std))
+
+    def normalize(self, x):
+        """x uint8 (B, 3, S, S) -> float (B, 3, S, S), as ToTensor then Normalize would give."""
+        return (x.float().div(255) - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def images(self, paths):
+        """A dataset of the images at paths: i -> (uint8 (3, S, S), i)."""
+        if self.folder is None:
+            return Decoded(paths, self.pil)
+        steps = re.sub(r" at 0x[0-9a-f]+", "", repr(self.pil))  # the transform, without memory addresses
+        key = hashlib.sha1("\n".join([steps, *map(str, paths)]).encode()).hexdigest()[:16]
+        path = Path(self.folder) / "image-cache" / f"{len(paths)}-images-{key}.npy"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX)  # one builder; a concurrent run waits, then reads its file
+                if not path.exists():
+                    build_cache(path, Decoded(paths, self.pil), self.workers)
+            finally:
+                os.close(folder)
+        return Cached(path)
+
+
+def build_cache(path, images, workers):
+    """Decode every image once into path (.npy, uint8 (n, 3, S, S)), written whole: a temporary file, then rename."""
+    shape = images[0][0].shape
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), *shape))
+        loader = torch.utils.data.DataLoader(images, 64, num_workers=workers)
+        for x, i in tqdm(loader, f"decoding {len(images)} images once into {path.name}", disable=None):
+            array[i[0]:i[-1] + 1] = x.numpy()
+        array.flush()
+        del array
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Decoded(torch.utils.data.Dataset):
+    """Image i -> (uint8 (3, S, S), i), decoded from its file with PIL for every access."""
+
+    def __init__(self, paths, pil):
+        self.paths, self.pil = paths, pil
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_image(self.paths[i], self.preprocess), i
+        try:
+            with Image.open(self.paths[i]) as im:
+                pixels = np.asarray(self.pil(im.convert("RGB")), dtype=np.uint8)  # (S, S, 3)
+        except OSError as e:
+            raise UserError(f"cannot read image {self.paths[i]} ({e.__class__.__name__}: {e})") from None
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), i
+
+
+class Cached(torch.utils.data.Dataset):
+    """Image i -> (uint8 (3, S, S), i), read from the cache file (memory-mapped, opened in each worker process)."""
+
+    def __init__(self, path):
+        self.path, self.array = path, None
+
+    def __len__(self):
+        return len(self._open())
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self._open()[i])), i
+
+    def _open(self):
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        return self.array
+
+    def __getstate__(self):  # a worker process maps the file itself
+        return {"path": self.path, "array": None}

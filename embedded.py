@@ -130,6 +130,23 @@ def ensure_embedded(root, sizes=None, seed=0):
     data.atomic_write(root / data.JSON_NAMES["embedded"], lambda f: f.write(json.dumps({"dataset": "embedded", "images": records}).encode()))
 
 
+def write_f30k_like(root, sizes, image_size=(500, 375), seed=0):
+    """Generated JPEGs of Flickr's size in the F30K Karpathy layout (dataset_flickr30k.json, flickr30k-images/),
+    sizes {"train": n, "dev": n, "test": n}: real-data loading, the image cache and its speed, without the data."""
+    root = Path(root)
+    (root / "flickr30k-images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for split, n in sizes.items():
+        for i in range(n):
+            objs, _, caps = _make_image(split, i, seed)
+            rng = np.random.default_rng([seed, SPLIT_IDS[split], i, 1])
+            img = _render(objs, rng, textured=True, size=max(image_size), out=max(image_size)).crop((0, 0, *image_size))
+            name = f"{split}_{i:05d}.jpg"
+            img.save(root / "flickr30k-images" / name, quality=90)
+            records.append({"filename": name, "split": "val" if split == "dev" else split, "sentences": [{"raw": c} for c in caps]})
+    data.atomic_write(root / data.JSON_NAMES["f30k"], lambda f: f.write(json.dumps({"images": records}).encode()))
+
+
 def zero_shot(clip, img, root, tokenizer, device):
     """Zero-shot classification of the test images, img (n, D) their normalised features, by shape, colour and
     colour-shape pair, prompt "a photo of a {class}". A top-1 class counts as right if the image holds it (2-3 objects
@@ -170,20 +187,21 @@ def pretrain_tiny(root, device, log=print, **overrides):
     log(f"pre-training nc-tiny on the embedded pre-training split ({hp}); cached in {path}")
     torch.manual_seed(0)
     model, preprocess, tokenizer = common.load_model("nc-tiny", "none", device, log)
+    pixels = data.Pixels(preprocess, root)
     split = data.load_split("embedded", root, "pretrain")
     first, counts = np.searchsorted(split.img_of_cap, np.arange(len(split.paths))), np.bincount(split.img_of_cap)
     opt, rng, step = common.optimizer(model, hp["lr"], hp["wd"]), np.random.default_rng(0), 0
     while step < hp["steps"]:
-        pairs = torch.utils.data.Subset(data.Pairs(split, preprocess, tokenizer), (first + rng.integers(0, counts)).tolist())
+        pairs = torch.utils.data.Subset(data.Pairs(split, pixels, tokenizer), (first + rng.integers(0, counts)).tolist())
         for images, tokens, _ in torch.utils.data.DataLoader(pairs, hp["batch_size"], shuffle=True, drop_last=True):
             common.set_lr(opt, step, hp["steps"], hp["warmup"], hp["lr"])
-            loss = common.info_nce(*model(images.to(device), tokens.to(device)), local=True).mean()  # rank 0 alone
+            loss = common.info_nce(*model(pixels.normalize(images.to(device)), tokens.to(device)), local=True).mean()  # rank 0 alone
             common.train_step(model, opt, loss)
             step += 1
             if step % 100 == 0 or step == hp["steps"]:
                 log(f"pretrain step {step:4d}/{hp['steps']}  loss {loss.item():.4f}")
             if step == hp["steps"]:
                 break
-    log(f"nc-tiny zero-shot test: {common.fmt(common.evaluate(model, data.load_split('embedded', root, 'test'), preprocess, tokenizer, device, local=True))}")
+    log(f"nc-tiny zero-shot test: {common.fmt(common.evaluate(model, data.load_split('embedded', root, 'test'), pixels, tokenizer, device, local=True))}")
     common.save_checkpoint(path, model.state_dict())
     return str(path)

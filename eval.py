@@ -24,6 +24,7 @@ def main():
     p.add_argument("--model", help="open_clip model name (default: the checkpoint's, else nc-tiny / ViT-B-32)")
     p.add_argument("--pretrained", help="zero-shot weights: open_clip tag or file (default: embedded tiny CLIP / openai)")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL (default: decode once)")
     p.add_argument("--json", help="also write the recalls to this JSON file")
     args = p.parse_args()
 
@@ -48,7 +49,8 @@ def main():
         except RuntimeError as e:
             raise data.UserError(f"{args.checkpoint} does not fit {cfg.model}: {str(e).splitlines()[0][:200]}") from None
     split = data.load_split(dataset, cfg.data_root, args.split)
-    r = common.evaluate(model, split, preprocess, tokenizer, device, coco_1k=dataset == "coco")
+    pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(cfg.data_root))
+    r = common.evaluate(model, split, pixels, tokenizer, device, coco_1k=dataset == "coco")
     what = args.checkpoint or f"{cfg.model} {cfg.pretrained or 'embedded pre-trained'} (zero-shot)"
     print(f"{what} on {dataset} {args.split} ({len(split.paths)} images, {len(split.captions)} captions)")
     print(f"{'5K ' if 'coco1k' in r else ''}{common.fmt(r)}")

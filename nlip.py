@@ -70,6 +70,9 @@ parser.add_argument("--workers", type=int, help="DataLoader worker processes")
 parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
+parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward (CLIP and decoder)")
 parser.add_argument("--lam", type=float, default=1.0, help="lambda in omega_i = lambda eps_i, in [0, 1]; 0: no harmonization")
 parser.add_argument("--lm-weight", type=float, default=2.0, help="L = L_NITC + this x L_LM (CoCa: 2); 0: no decoder, no completion")
 parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs of the plain loss before eps and completion start")
@@ -191,20 +194,23 @@ def complete(eps, threshold, rng):
 
 # ---- captions and classes from the model
 @torch.no_grad()
-def write_captions(net, paths, concepts, vocab, args, preprocess, device, batch_size=256):
-    """Generated captions (strings) of the images at paths, concepts (len(paths), k) their prompts."""
-    loader, out = torch.utils.data.DataLoader(data.Images(paths, preprocess), batch_size), []
-    for images, i in loader:
-        patches = net.patches(images.to(device))[1]
-        out += captions.decode(generate(net.captioner, patches, concepts[i].to(device), args.max_words, args.beam).tolist(), vocab)
-    return out
+def write_captions(net, paths, concepts, vocab, args, pixels, device, batch_size=256):
+    """Generated captions (strings) of the images at paths, concepts (len(paths), k) their prompts. Under DDP each
+    process writes every W-th batch of batch_size images, and all processes gather every caption."""
+    images = pixels.images(paths)
+
+    def batch(lo, hi):  # word ids (hi - lo, max_words) of images lo:hi, padded
+        x = torch.stack([images[i][0] for i in range(lo, hi)]).to(device)
+        ids = generate(net.captioner, net.patches(pixels.normalize(x))[1], concepts[lo:hi].to(device), args.max_words, args.beam)
+        return F.pad(ids, (0, args.max_words - ids.shape[1]), value=captions.PAD)
+    return captions.decode(common.chunked(batch, len(paths), batch_size).tolist(), vocab)
 
 
 @torch.no_grad()
-def scan(clip, train, concept_ids, vocab, args, seed, preprocess, tokenizer, device):
+def scan(clip, train, concept_ids, vocab, args, seed, pixels, tokenizer, device):
     """Under the current model: eps (N,), 1 - the GMM clean posterior of each pair's InfoNCE (raw captions, in seeded
     random batches as npc.py), and concepts (n_img, k), the word ids of each image's top-k concepts."""
-    img, txt = common.features(clip, train, preprocess, tokenizer, device)  # (n_img, D), (N, D) normalised
+    img, txt = common.features(clip, train, pixels, tokenizer, device)  # (n_img, D), (N, D) normalised
     loss = common.pair_losses(img[train.img_of_cap], txt, clip.logit_scale.exp().item(), args.batch_size, seed)  # (N,)
     return 1 - common.gmm_clean_prob(loss), top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device)
 
@@ -238,7 +244,7 @@ def main():
 
     # ---- setup
     device = common.setup(args)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
     log = common.logger(args.out_dir)
     log(f"nlip: {vars(args)}")
     if args.dataset == "embedded":
@@ -251,6 +257,7 @@ def main():
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     clip, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
     vocab = captions.vocabulary(train.captions, args.min_count)
     concept_ids = [i for i, w in enumerate(vocab) if i > captions.UNK and w not in STOPWORDS]
     words = torch.as_tensor(captions.encode(train.captions, vocab, args.max_words + 1))  # (N, T) the raw captions, for L_LM
@@ -261,6 +268,7 @@ def main():
         f"{len(vocab)} words seen >= {args.min_count} times, {len(concept_ids)} of them concepts")
     opt = common.optimizer(model, args.lr, args.wd)
     net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
+    net = torch.compile(net) if args.compile else net  # generation stays eager: its sequence grows every step
     steps = len(is_noisy) // args.batch_size  # per epoch (the loader drops the last partial batch)
     if steps == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
@@ -270,13 +278,13 @@ def main():
         if captioner:
             captioner.load_state_dict(common.load_checkpoint(f"{args.out_dir}/last.pt")["decoder"])
     else:
-        history.append({"epoch": 0, "dev": common.evaluate(clip, dev, preprocess, tokenizer, device)})
+        history.append({"epoch": 0, "dev": common.evaluate(clip, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
 
     for epoch in range(start, args.epochs):
         # ---- before each epoch, under the current model: eps, concepts, and (after warm-up) the completed captions
         t0, active = time.time(), epoch >= args.warmup_epochs
-        eps, concepts = scan(clip, train, concept_ids, vocab, args, args.seed + epoch, preprocess, tokenizer, device)
+        eps, concepts = scan(clip, train, concept_ids, vocab, args, args.seed + epoch, pixels, tokenizer, device)
         hits = [len({vocab[c] for c in cs} & set(captions.tokenize(" ".join(t)))) / len(cs) for cs, t in zip(concepts.tolist(), truth)]
         stats = {"eps_auc": float(roc_auc_score(is_noisy, eps)) if 0 < is_noisy.mean() < 1 else None, "used": active,
                  "concepts_in_truth": float(np.mean(hits))}  # the share of an image's concepts that its true captions hold
@@ -287,7 +295,7 @@ def main():
         texts = list(train.captions)
         if synthetic.any():
             need = np.unique(train.img_of_cap[synthetic])  # the images whose generated caption is used
-            written = write_captions(model, [train.paths[i] for i in need], concepts[need], vocab, args, preprocess, device)
+            written = write_captions(model, [train.paths[i] for i in need], concepts[need], vocab, args, pixels, device)
             for k in np.flatnonzero(synthetic):
                 texts[k] = written[np.searchsorted(need, train.img_of_cap[k])]
             stats.update(completion_report(texts, train.captions, truth, train.img_of_cap, synthetic, is_noisy, log))
@@ -295,7 +303,7 @@ def main():
 
         # ---- training: L = mean_i L_NITC_i + lm_weight * mean_i (1 - eps_i) L_LM_i
         eps_t, lm_w = (torch.as_tensor(x, dtype=torch.float32) for x in (eps, 1 - eps))  # (N,) each
-        loader = data.loader(data.Pairs(train._replace(captions=texts), preprocess, tokenizer), args.batch_size, args.workers,
+        loader = data.loader(data.Pairs(train._replace(captions=texts), pixels, tokenizer), args.batch_size, args.workers,
                              args.seed)
         common.start_epoch(loader, args, epoch)
         model.train()
@@ -304,13 +312,13 @@ def main():
             lr = common.set_lr(opt, epoch * steps + i, args.epochs * steps, args.warmup, args.lr)
             dec_in, dec_target = lm_inputs(concepts[train.img_of_cap[k]], words[k])
             with amp:
-                img, txt, scale, lm = net(images.to(device), tokens.to(device), dec_in.to(device), dec_target.to(device))
+                img, txt, scale, lm = net(pixels.normalize(images.to(device)), tokens.to(device), dec_in.to(device), dec_target.to(device))
                 nitc = harmonized_loss(img, txt, scale, eps_t[k].to(device), args.lam)  # (B,)
                 loss = nitc.mean() + args.lm_weight * (lm_w[k].to(device) * lm).mean()
             common.train_step(net, opt, loss)
             nitcs.append(nitc.mean().item())
             lms.append(lm.mean().item())
-        train_s, dev_r = time.time() - t0, common.evaluate(clip, dev, preprocess, tokenizer, device)
+        train_s, dev_r = time.time() - t0, common.evaluate(clip, dev, pixels, tokenizer, device)
         nitc, lm = common.global_mean(nitcs), common.global_mean(lms)  # the epoch's means over every process
         history.append({"epoch": epoch + 1, "nitc": nitc, "lm": lm, **stats, "time_s": train_s, "dev": dev_r})
         log(f"epoch {epoch + 1}/{args.epochs}  L_NITC {nitc:.4f}  L_LM {lm:.4f}  lr {lr:.2e}  "
@@ -319,7 +327,7 @@ def main():
             pairs = np.flatnonzero(is_noisy) if is_noisy.any() else np.arange(len(is_noisy))
             show = pairs[np.unique(train.img_of_cap[pairs], return_index=True)[1][:3]]  # the first noisy pair of 3 images
             for k, gen in zip(show, write_captions(model, [train.paths[train.img_of_cap[k]] for k in show],
-                                                   concepts[train.img_of_cap[show]], vocab, args, preprocess, device)):
+                                                   concepts[train.img_of_cap[show]], vocab, args, pixels, device)):
                 log(f"  image {train.img_of_cap[k]}: generated '{gen}' | raw '{train.captions[k]}' | true '{truth[train.img_of_cap[k]][0]}'")
         best = common.save_epoch(args, "nlip", clip, opt, epoch, best, history,
                                  extra={"decoder": captioner.state_dict() if captioner else None, "vocab": vocab})
@@ -330,7 +338,7 @@ def main():
     ck = common.load_checkpoint(f"{args.out_dir}/best.pt")
     clip.load_state_dict(ck["model"])
     extra = {"noise_rate": float(is_noisy.mean())}
-    img = common.features(clip, test, preprocess, tokenizer, device)[0]  # (n_img, D) for zero-shot and the concepts
+    img = common.features(clip, test, pixels, tokenizer, device)[0]  # (n_img, D) for zero-shot and the concepts
     if args.dataset == "embedded":
         extra["zero_shot"] = embedded.zero_shot(clip, img, args.data_root, tokenizer, device)
         log("test zero-shot classification, top-1 ('a photo of a {class}'): " + ", ".join(
@@ -338,12 +346,12 @@ def main():
     if captioner:
         captioner.load_state_dict(ck["decoder"])
         written = write_captions(model, test.paths, top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
-                                 vocab, args, preprocess, device)
+                                 vocab, args, pixels, device)
         refs = data.by_image(test)
         extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}
         log(f"test captioning ({'greedy' if args.beam == 1 else f'beam {args.beam}'}): BLEU-4 {extra['captioning']['bleu4']:.3f}  "
             f"CIDEr {extra['captioning']['cider']:.3f}")
-    common.finish(args, "nlip", clip, test, preprocess, tokenizer, device, log, history, extra=extra)
+    common.finish(args, "nlip", clip, test, pixels, tokenizer, device, log, history, extra=extra)
 
 
 if __name__ == "__main__":

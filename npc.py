@@ -18,7 +18,7 @@ Paper -> code:
     l^I_i(t), l^T_i(t)                  l_I, l_T (B,) InfoNCE among the B image-side / text-side memory pairs, before
     l^I_i(t+1), l^T_i(t+1)              l_I_after, l_T_after (B,) the same after A' took its step on the batch
     r_i, w_i                            r, w (B,)     w_i = tanh(r_i) if r_i < 1 else 1, no gradient through it
-    L = mean_i w_i l_i + L_mb           loss, with L_mb = mean_i (l^I_i + l^T_i) under A, with gradient
+    L = mean_i w_i l_i + L_mb           loss, with L_mb = mean_i (m_I_i + m_T_i), the memory losses under A with gradient
 
 The look-ahead's optimiser: A' takes the step A's own optimiser would take on the batch, so before each look-ahead
 A' receives A's weights, AdamW moments and current learning rate (copied in place) and uses the same clipping.
@@ -35,8 +35,10 @@ Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
   - the bank is built here, deterministically, from the starting model (the official code needs a separate script
     and an .npy file). Its per-sample losses come from seeded random batches of --batch-size pairs, so that a batch
     rarely holds several captions of one image. With --resume it is rebuilt from the starting model, identically.
-  - the "before" memory losses are read off A's own forward of the memory pairs (A' equals A until its step): the
-    same values, two forwards fewer per step.
+  - the memory losses before and after the look-ahead are computed in fp32, without gradient, even when training
+    runs in bf16: at the real-data lr (1e-5) one step moves r by about as much as bf16 rounding does, and bf16 and
+    fp32 then disagree on which pairs get w < 1 (README, "Precision"). This costs a separate forward of the 2B memory
+    pairs before the step: 13 forward-equivalents a pair against a plain step's 3.
   - lr, schedule, model selection: as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
 Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
 On the embedded data the memory bank is sharp (its clean set is 96% clean), but the look-ahead weight separates
@@ -75,13 +77,17 @@ parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (defau
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
 parser.add_argument("--bank-threshold", type=float, default=0.9, help="clean set: GMM clean posterior above this (official: 0.9)")
+parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
+parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training forwards and backwards of A and A'")
 parser.add_argument("--official-form", action="store_true", help="batch-mean weight and constant memory term, as the official code")
 
 
 # ---- the memory bank, once, from the starting model
 def nearest(queries, keys, chunk=2048):
-    """Index of the key with the highest dot product, for each query: (Q, D), (K, D) -> (Q,), in row chunks."""
-    return torch.cat([(queries[i:i + chunk] @ keys.T).argmax(1) for i in range(0, len(queries), chunk)]).cpu().numpy()
+    """Index of the key with the highest dot product, for each query: (Q, D), (K, D) -> (Q,) numpy, in chunks of
+    queries shared among the processes under DDP."""
+    return common.chunked(lambda lo, hi: (queries[lo:hi] @ keys.T).argmax(1), len(queries), chunk).numpy()
 
 
 def neighbours(img, txt, owner, clean):
@@ -93,10 +99,10 @@ def neighbours(img, txt, owner, clean):
     return clean[nearest_image[owner.cpu().numpy()]], clean[nearest(txt, txt[c])]
 
 
-def memory_bank(model, train, is_noisy, args, preprocess, tokenizer, device, log):
+def memory_bank(model, train, is_noisy, args, pixels, tokenizer, device, log):
     """NPC's memory bank from the starting model: per-sample losses, GMM, clean set C = {k : p_clean(l_k) > threshold},
     the neighbours of every pair in C. -> (bank_img, bank_txt) (N,) indices of training pairs, and the bank's stats."""
-    img, txt = common.features(model, train, preprocess, tokenizer, device)  # (n_img, D), (N, D) normalised
+    img, txt = common.features(model, train, pixels, tokenizer, device)  # (n_img, D), (N, D) normalised
     owner = torch.as_tensor(train.img_of_cap, device=img.device)  # (N,) image of each caption slot
     loss = common.pair_losses(img[owner], txt, model.logit_scale.exp().item(), args.batch_size, args.seed)  # (N,)
     p_clean = common.gmm_clean_prob(loss)  # (N,) posterior of the low-loss component
@@ -128,6 +134,16 @@ class WithMemory(torch.utils.data.Dataset):
 
 
 # ---- the look-ahead and the weight
+def memory_losses(model, images, tokens):
+    """l_I, l_T (B,): InfoNCE among the B image-side and among the B text-side memory pairs, images and tokens (2B, ...)
+    in that order; in fp32 and without gradient, whatever the autocast around it (a look-ahead step moves them by
+    about as much as bf16 rounding would)."""
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        img, txt, scale = model(images, tokens)  # (2B, D), (2B, D), ()
+        l_I, l_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(2), txt.chunk(2)))
+    return l_I, l_T
+
+
 @torch.no_grad()
 def copy_into(siamese, siamese_opt, model, opt):
     """A' <- A: weights, AdamW state and learning rate copied in place (state tensors are allocated at the first copy)."""
@@ -158,7 +174,7 @@ def main():
 
     # ---- setup
     device = common.setup(args)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
     log = common.logger(args.out_dir)
     log(f"{method}: {vars(args)}")
     if args.dataset == "embedded" and args.pretrained is None:
@@ -170,10 +186,11 @@ def main():
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
 
     # ---- the memory bank (from the starting model, also on --resume), and the siamese copy
-    bank_img, bank_txt, bank = memory_bank(model, train, is_noisy, args, preprocess, tokenizer, device, log)
-    loader = data.loader(WithMemory(data.Pairs(train, preprocess, tokenizer), bank_img, bank_txt), args.batch_size,
+    bank_img, bank_txt, bank = memory_bank(model, train, is_noisy, args, pixels, tokenizer, device, log)
+    loader = data.loader(WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt), args.batch_size,
                          args.workers, args.seed)
     if len(loader) == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
@@ -181,10 +198,12 @@ def main():
     opt, siamese_opt = common.optimizer(model, args.lr, args.wd), common.optimizer(siamese, args.lr, args.wd)
     ddp = torch.nn.parallel.DistributedDataParallel
     net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
+    if args.compile:  # the fp32 memory passes stay eager: they call model and siamese directly
+        net, siamese_net = torch.compile(net), torch.compile(siamese_net)
     total = args.epochs * len(loader)
     start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
-        history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
+        history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
     else:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}; memory bank rebuilt from the starting model")
@@ -194,25 +213,27 @@ def main():
         model.train()
         common.start_epoch(loader, args, epoch)
         t0, losses, ws, ks = time.time(), [], [], []
-        for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
+        for i, (images, tokens, k, images_I, tokens_I, images_T, tokens_T) in enumerate(loader):
             lr = common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
-            x3, t3 = torch.cat([x, x_I, x_T]).to(device), torch.cat([t, t_I, t_T]).to(device)  # (3B, ...) batch, memory pairs
-            # the batch and its memory pairs under A, one forward with gradient: l, l_I, l_T (B,) each
-            with amp:
-                img, txt, scale = net(x3, t3)  # (3B, D), (3B, D), ()
-                l, l_I, l_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(3), txt.chunk(3)))
+            images, tokens = pixels.normalize(images.to(device)), tokens.to(device)  # (B, ...) the batch
+            memory = pixels.normalize(torch.cat([images_I, images_T]).to(device)), torch.cat([tokens_I, tokens_T]).to(device)
+            # the memory losses before the look-ahead, under A (A' equals A until its step), fp32
+            l_I, l_T = memory_losses(model, *memory)  # (B,) each
             # look-ahead: A' <- A, one step of A' on the batch, then the memory losses again under A'
             copy_into(siamese, siamese_opt, model, opt)
             with amp:
-                common.train_step(siamese_net, siamese_opt, common.info_nce(*siamese_net(x3[:len(x)], t3[:len(x)])).mean())
-            with torch.no_grad(), amp:
-                img_a, txt_a, scale_a = siamese(x3[len(x):], t3[len(x):])  # (2B, D) memory pairs under A'
-                l_I_after, l_T_after = (common.info_nce(a, b, scale_a) for a, b in zip(img_a.chunk(2), txt_a.chunk(2)))
-            w = npc_weight(l_I.detach(), l_T.detach(), l_I_after, l_T_after)  # (B,)
+                lookahead_loss = common.info_nce(*siamese_net(images, tokens)).mean()
+            common.train_step(siamese_net, siamese_opt, lookahead_loss)
+            l_I_after, l_T_after = memory_losses(siamese, *memory)  # (B,) each
+            w = npc_weight(l_I, l_T, l_I_after, l_T_after)  # (B,)
+            # the batch and its memory pairs under A, one forward with gradient: l, m_I, m_T (B,) each
+            with amp:
+                img, txt, scale = net(torch.cat([images, memory[0]]), torch.cat([tokens, memory[1]]))  # (3B, D), (3B, D), ()
+                l, m_I, m_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(3), txt.chunk(3)))
             if args.official_form:  # one weight scale per batch; the memory term a constant
-                loss = w.mean() * l.mean() + (l_I + l_T).mean().detach()
-            else:  # L = mean_i w_i l_i + mean_i (l^I_i + l^T_i)
-                loss = (w * l).mean() + (l_I + l_T).mean()
+                loss = w.mean() * l.mean() + (m_I + m_T).mean().detach()
+            else:  # L = mean_i w_i l_i + mean_i (m_I_i + m_T_i)
+                loss = (w * l).mean() + (m_I + m_T).mean()
             common.train_step(net, opt, loss)
             losses.append(loss.item())
             ws.append(common.gather(w))
@@ -221,7 +242,7 @@ def main():
         stats = {"loss": common.global_mean(losses), "w_mean": float(w.mean()), "w_std": float(w.std()),
                  "w_clean": float(w[~noisy].mean()) if (~noisy).any() else None,
                  "w_noisy": float(w[noisy].mean()) if noisy.any() else None, "w_below_1": float((w < 1).mean())}
-        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
+        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, pixels, tokenizer, device)
         history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} sd {stats['w_std']:.3f} "
             f"(clean {stats['w_clean'] or float('nan'):.3f}, noisy {stats['w_noisy'] or float('nan'):.3f}, "
@@ -229,7 +250,7 @@ def main():
         best = common.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
-    common.finish(args, method, model, test, preprocess, tokenizer, device, log, history,
+    common.finish(args, method, model, test, pixels, tokenizer, device, log, history,
                   extra={"noise_rate": float(is_noisy.mean()), "memory_bank": bank})
 
 

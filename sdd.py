@@ -35,7 +35,8 @@ training pairs also finds them at noise 0.4 (0.414, 0.711) but not at 0.8, where
 
 Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
   - the text-side memory pair is looked up by the pair's original index (the official code uses its position in D_p).
-  - the look-ahead as in npc.py: one backward (not two), A's AdamW moments copied in place, normalised bank search.
+  - the look-ahead as in npc.py: one backward (not two), A's AdamW moments copied in place, normalised bank search,
+    the memory losses before and after it in fp32 without gradient (bf16 rounding is as large as one step's effect).
   - the GMM sees the cosines min-max scaled to [0, 1] (common.gmm_clean_prob); the official one sees raw logits.
     The fit is the same up to reg_covar, which is then relative to the range of S.
   - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0 whatever
@@ -78,12 +79,15 @@ parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if av
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
 parser.add_argument("--alpha", help="self-drop at cosine <= alpha: a number or auto (real: 0.20, official; embedded: auto)")
 parser.add_argument("--beta", help="memory-bank pool: starting pairs with cosine > beta, or auto (real: 0.30; embedded: auto)")
+parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
+parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training forwards and backwards of A and A'")
 parser.add_argument("--plot", action="store_true", help="write out-dir/similarity_epoch<e>.png before each epoch (needs matplotlib)")
 
 
-def pair_cosines(model, split, preprocess, tokenizer, device):
+def pair_cosines(model, split, pixels, tokenizer, device):
     """cos(f_I, f_T) of every training pair under the model, and the features: -> (N,) numpy, (n_img, D), (N, D)."""
-    img, txt = common.features(model, split, preprocess, tokenizer, device)
+    img, txt = common.features(model, split, pixels, tokenizer, device)
     return (img[torch.as_tensor(split.img_of_cap, device=img.device)] * txt).sum(1).cpu().numpy(), img, txt
 
 
@@ -113,6 +117,15 @@ def self_drop(S, alpha):
     w_con = (p_clean - p_clean.min()) / max(p_clean.max() - p_clean.min(), 1e-12)  # (N,)
     # ---- END EXERCISE ----
     return keep, w_con
+
+
+def memory_losses(model, images, tokens):
+    """l_I, l_T (B,): InfoNCE among the B image-side and among the B text-side memory pairs, images and tokens (2B, ...)
+    in that order; in fp32 and without gradient, whatever the autocast around it."""
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        img, txt, scale = model(images, tokens)  # (2B, D), (2B, D), ()
+        l_I, l_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(2), txt.chunk(2)))
+    return l_I, l_T
 
 
 def dual_weight(w_con, l_I, l_T, l_I_after, l_T_after):
@@ -152,7 +165,7 @@ def main():
         except ImportError:
             raise data.UserError("--plot needs matplotlib (pip install matplotlib)") from None
     device = common.setup(args)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # bf16 on CUDA, fp32 weights
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
     log = common.logger(args.out_dir)
     log(f"sdd: {vars(args)}")
     if args.dataset == "embedded" and args.pretrained is None:
@@ -164,10 +177,11 @@ def main():
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
 
     # ---- thresholds and the memory bank, from the starting model (also on --resume)
-    cos, img, txt = pair_cosines(model, train, preprocess, tokenizer, device)
-    auto_alpha, auto_beta = auto_thresholds(pair_cosines(model, dev, preprocess, tokenizer, device)[0])
+    cos, img, txt = pair_cosines(model, train, pixels, tokenizer, device)
+    auto_alpha, auto_beta = auto_thresholds(pair_cosines(model, dev, pixels, tokenizer, device)[0])
     alpha = threshold("alpha", args.alpha or ("auto" if args.dataset == "embedded" else "0.20"), auto_alpha)
     beta = threshold("beta", args.beta or ("auto" if args.dataset == "embedded" else "0.30"), auto_beta)
     pool = np.flatnonzero(cos > beta)
@@ -176,17 +190,19 @@ def main():
     bank_img, bank_txt = npc.neighbours(img, txt, torch.as_tensor(train.img_of_cap, device=img.device), pool)
     log(f"thresholds: alpha {alpha:.3f} (drop), beta {beta:.3f} (bank); memory bank pool {len(pool)} pairs, "
         f"{is_noisy[pool].mean():.1%} noisy; {np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]):.1%} of memory pairs noisy")
-    pairs = npc.WithMemory(data.Pairs(train, preprocess, tokenizer), bank_img, bank_txt)
+    pairs = npc.WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
 
     # ---- optimisers, DDP, resume
     siamese = copy.deepcopy(model).train()
     opt, siamese_opt = common.optimizer(model, args.lr, args.wd), common.optimizer(siamese, args.lr, args.wd)
     ddp = torch.nn.parallel.DistributedDataParallel
     net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
+    if args.compile:  # the fp32 memory passes stay eager: they call model and siamese directly
+        net, siamese_net = torch.compile(net), torch.compile(siamese_net)
     full = len(is_noisy) // args.batch_size  # steps in a full-set epoch: the schedule's unit
     start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
-        history.append({"epoch": 0, "dev": common.evaluate(model, dev, preprocess, tokenizer, device)})
+        history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
     else:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}; memory bank rebuilt from the starting model")
@@ -194,7 +210,7 @@ def main():
     # ---- training
     for epoch in range(start, args.epochs):
         # the epoch's partition, from the current model
-        cos = cos if epoch == 0 else pair_cosines(model, train, preprocess, tokenizer, device)[0]
+        cos = cos if epoch == 0 else pair_cosines(model, train, pixels, tokenizer, device)[0]
         keep, w_con = self_drop(cos, alpha)  # (N,), (N,)
         w_con_t = torch.as_tensor(w_con, dtype=torch.float32)
         drop = ~keep
@@ -209,23 +225,21 @@ def main():
         model.train()
         common.start_epoch(loader, args, epoch)
         t0, losses, w_sigs, ks = time.time(), [], [], []
-        for i, (x, t, k, x_I, t_I, x_T, t_T) in enumerate(loader):
+        for i, (images, tokens, k, images_I, tokens_I, images_T, tokens_T) in enumerate(loader):
             step = int((epoch + i / len(loader)) * full)  # the schedule in fractions of an epoch of D_p
             lr = common.set_lr(opt, step, args.epochs * full, args.warmup, args.lr)
-            x, t, x_mem, t_mem = x.to(device), t.to(device), torch.cat([x_I, x_T]).to(device), torch.cat([t_I, t_T]).to(device)
+            images, tokens = pixels.normalize(images.to(device)), tokens.to(device)  # (B, ...) the batch
+            memory = pixels.normalize(torch.cat([images_I, images_T]).to(device)), torch.cat([tokens_I, tokens_T]).to(device)
             wc = w_con_t[k].to(device)  # (B,)
-            with torch.no_grad(), amp:  # memory losses before the look-ahead, under A (= A')
-                img_m, txt_m, scale_m = model(x_mem, t_mem)
-                l_I, l_T = (common.info_nce(a, b, scale_m) for a, b in zip(img_m.chunk(2), txt_m.chunk(2)))
+            l_I, l_T = memory_losses(model, *memory)  # (B,) each, before the look-ahead, under A (= A'), fp32
             npc.copy_into(siamese, siamese_opt, model, opt)
             with amp:  # look-ahead on mean(w_con * l)
-                common.train_step(siamese_net, siamese_opt, (wc * common.info_nce(*siamese_net(x, t))).mean())
-            with torch.no_grad(), amp:
-                img_a, txt_a, scale_a = siamese(x_mem, t_mem)
-                l_I_after, l_T_after = (common.info_nce(a, b, scale_a) for a, b in zip(img_a.chunk(2), txt_a.chunk(2)))
+                lookahead_loss = (wc * common.info_nce(*siamese_net(images, tokens))).mean()
+            common.train_step(siamese_net, siamese_opt, lookahead_loss)
+            l_I_after, l_T_after = memory_losses(siamese, *memory)  # (B,) each, after, under A', fp32
             w_sig, w = dual_weight(wc, l_I, l_T, l_I_after, l_T_after)  # (B,), (B,)
             with amp:  # L = mean_i w_sig_i w_con_i l_i
-                loss = (w * common.info_nce(*net(x, t))).mean()
+                loss = (w * common.info_nce(*net(images, tokens))).mean()
             common.train_step(net, opt, loss)
             losses.append(loss.item())
             w_sigs.append(common.gather(w_sig))
@@ -234,7 +248,7 @@ def main():
         sure = w_con[k] >= 0.5
         parts = {"noisy": int(drop.sum()), "vague": int((~sure).sum()), "clean_insignificant": int((sure & (w_sig < 1)).sum()),
                  "clean_significant": int((sure & (w_sig == 1)).sum())}
-        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, preprocess, tokenizer, device)
+        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, pixels, tokenizer, device)
         loss = common.global_mean(losses)  # the epoch's mean over every process
         history.append({"epoch": epoch + 1, "loss": loss, **epoch_stats, "partitions": parts,
                         "w_sig_mean": float(w_sig.mean()), "time_s": train_s, "dev": dev_r})
@@ -246,7 +260,7 @@ def main():
         best = common.save_epoch(args, "sdd", model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
-    common.finish(args, "sdd", model, test, preprocess, tokenizer, device, log, history,
+    common.finish(args, "sdd", model, test, pixels, tokenizer, device, log, history,
                   extra={"noise_rate": float(is_noisy.mean()), "alpha": alpha, "beta": beta, "bank_pool": len(pool)})
 
 

@@ -1,5 +1,6 @@
 """NPC: the weight, the memory bank, the in-place look-ahead copy, and npc.py end to end."""
 import copy
+import importlib
 import json
 import math
 import types
@@ -55,11 +56,12 @@ def test_neighbours_are_the_nearest_clean_pairs():
 
 def test_memory_bank_points_at_the_clean_set_and_finds_clean_pairs(embedded):
     model, preprocess, tokenizer = common.load_model("nc-tiny", str(embedded / "nc-tiny-pretrained.pt"), torch.device("cpu"))
+    pixels = data.Pixels(preprocess)
     train, is_noisy = data.noisy_train("embedded", embedded, 0.4, 0)
     args = types.SimpleNamespace(batch_size=48, seed=99, bank_threshold=0.9)
-    bank_img, bank_txt, stats = npc.memory_bank(model, train, is_noisy, args, preprocess, tokenizer, torch.device("cpu"), print)
+    bank_img, bank_txt, stats = npc.memory_bank(model, train, is_noisy, args, pixels, tokenizer, torch.device("cpu"), print)
     # the clean set again, computed directly
-    img, txt = common.features(model, train, preprocess, tokenizer, torch.device("cpu"))
+    img, txt = common.features(model, train, pixels, tokenizer, torch.device("cpu"))
     owner = torch.as_tensor(train.img_of_cap)
     loss = common.pair_losses(img[owner], txt, model.logit_scale.exp().item(), 48, 99)
     clean = set(np.flatnonzero(common.gmm_clean_prob(loss) > 0.9))
@@ -122,3 +124,32 @@ def test_official_form_runs_and_resume_rebuilds_the_bank(embedded, tmp_path):
 def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
     p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--bank-threshold", "1")
     assert p.returncode == 2 and p.stderr.strip() == "error: the memory bank is empty: no pair has clean posterior > 1.0"
+
+
+def test_at_lr_0_every_weight_is_exactly_1_also_under_bf16_autocast(embedded, tmp_path):
+    """lr 0: the look-ahead leaves A' equal to A, so the memory losses before and after it (fp32) are equal, r = 1
+    and w = 1 for every pair, whatever the autocast of the training forwards."""
+    p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--epochs", "1", "--batch-size", "32",
+                   "--lr", "0", "--precision", "bf16", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    epoch = json.loads((tmp_path / "results.json").read_text())["history"][1]
+    assert epoch["w_mean"] == 1.0 and epoch["w_std"] == 0.0 and epoch["w_below_1"] == 0.0
+
+
+@pytest.mark.parametrize("script", ["npc", "sdd"])
+def test_memory_losses_are_fp32_under_bf16_autocast(script):
+    """The memory losses compared across the look-ahead come out of an fp32 forward even inside bf16 autocast, where
+    the same forward gives other values. (At lr 0 on the CPU the earlier bf16 form also gave r = 1 exactly: CPU
+    kernels round a row the same whatever the batch, so the lr-0 test above cannot tell the two forms apart.)"""
+    memory_losses = importlib.import_module(script).memory_losses
+    torch.manual_seed(0)
+    model = common.load_model("nc-tiny", "none", torch.device("cpu"), log=lambda line: None)[0]
+    images, tokens = torch.randn(16, 3, 64, 64), torch.randint(1, 49407, (16, 32))  # 2B = 16 memory pairs
+    want = memory_losses(model, images, tokens)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = memory_losses(model, images, tokens)
+        with torch.no_grad():
+            img, txt, scale = model(images, tokens)
+            bf16 = common.info_nce(img[:8], txt[:8], scale)
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+    assert not torch.allclose(bf16.float(), want[0], rtol=1e-4, atol=0)  # bf16 would have changed them

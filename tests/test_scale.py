@@ -1,5 +1,6 @@
 """Scale and survival: two processes under torchrun (gloo, CPU) match one process of the same global batch, and a
-run killed with SIGKILL mid-training and resumed ends exactly where an uninterrupted run ends."""
+run killed with SIGKILL mid-training and resumed ends exactly where an uninterrupted run ends, and the passes
+the processes share give what one process gives."""
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script
@@ -67,3 +69,20 @@ def test_sigkill_mid_training_then_resume_ends_like_an_uninterrupted_run(script,
     assert got["test"] == want["test"]  # exactly
     assert [h["dev"] for h in got["history"]] == [h["dev"] for h in want["history"]]
     assert [h["loss"] for h in got["history"][1:]] == [h["loss"] for h in want["history"][1:]]
+
+
+def test_the_shared_passes_equal_one_process(embedded, tmp_path):
+    """NPC's neighbour search and NLIP's caption writing, shared between 2 processes and gathered, equal one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, launch in ((one, []), (two, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        out.mkdir()
+        p = subprocess.run([sys.executable, *launch, str(ROOT / "tests" / "sharded_passes.py"), str(embedded), str(out)],
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, check=False)
+        assert p.returncode == 0, p.stderr[-3000:]
+    want = torch.load(one / "rank0.pt", weights_only=False)
+    assert len(want["beam1"]) == len(want["beam2"]) == 10 and any(want["beam1"])
+    for rank in (0, 1):
+        got = torch.load(two / f"rank{rank}.pt", weights_only=False)
+        for k in ("bank_img", "bank_txt", "nearest"):
+            assert np.array_equal(got[k], want[k]), k
+        assert got["beam1"] == want["beam1"] and got["beam2"] == want["beam2"]

@@ -86,3 +86,11 @@ def test_bad_threshold_and_plot_without_matplotlib_are_one_line_errors(embedded,
         assert p.returncode == 2 and p.stderr.strip() == "error: --plot needs matplotlib (pip install matplotlib)"
     else:
         assert p.returncode == 0 and (tmp_path / "plot" / "similarity_epoch1.png").stat().st_size > 1000, p.stderr
+
+
+def test_at_lr_0_every_significance_weight_is_exactly_1_also_under_bf16_autocast(embedded, tmp_path):
+    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--epochs", "1", "--batch-size", "32",
+                   "--lr", "0", "--precision", "bf16", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    epoch = json.loads((tmp_path / "results.json").read_text())["history"][1]
+    assert epoch["w_sig_mean"] == 1.0 and epoch["partitions"]["clean_insignificant"] == 0
