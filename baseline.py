@@ -18,6 +18,9 @@ Deviations, and why:
   - model selection by dev rSum, and best.pt is only replaced by a better epoch.
   - --clean-only keeps the number of epochs, so it takes fewer steps than the noisy run.
 Embedded defaults (measured, see README): batch 128, lr 5e-4, 50 warm-up steps, 3 epochs.
+Infrastructure: images come from a decode-once uint8 cache and are normalised on the device (data.Pixels;
+--no-image-cache: PIL per sample); --precision bf16 (CUDA's default) autocasts the forward; --compile compiles the
+training forward and backward, while evaluation stays eager (it calls the model's encoders, on a changing last batch).
 """
 import sys
 import time

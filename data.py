@@ -228,7 +228,8 @@ def build_cache(path, images, workers):
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), *shape))
-        loader = torch.utils.data.DataLoader(images, 64, num_workers=workers)
+        # a generator of its own keeps the global one as it was (embedded.pretrain_tiny's shuffles draw from it)
+        loader = torch.utils.data.DataLoader(images, 64, num_workers=workers, generator=torch.Generator())
         for x, i in tqdm(loader, f"decoding {len(images)} images once into {path.name}", disable=None):
             array[i[0]:i[-1] + 1] = x.numpy()
         array.flush()

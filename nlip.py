@@ -36,6 +36,8 @@ Choices where the paper is silent, and why:
   - concepts: the caption words outside a short stopword list seen --min-count times; an image's top-k by cosine
     between its CLIP embedding and the word's CLIP text embedding, under the current model, each epoch.
   - the GMM of each epoch uses the raw captions, in seeded random batches (as npc.py). No MAE branch (optional here).
+Infrastructure as baseline.py; --compile compiles CLIP and the decoder in training. Caption generation stays eager
+(its sequence grows a word a step: a new shape each time); under torchrun each process writes every W-th batch.
 Embedded defaults: nc-tiny from random init, 6 epochs of the 20,000 noisy train pairs, batch 128, lr 1e-3, wd 0.1
 (as its pre-training in embedded.py), 100 warm-up steps, 1 warm-up epoch. Measurements: README.
 """
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import Subset
 
 import captions
 import common
@@ -194,16 +197,14 @@ def complete(eps, threshold, rng):
 
 # ---- captions and classes from the model
 @torch.no_grad()
-def write_captions(net, paths, concepts, vocab, args, pixels, device, batch_size=256):
-    """Generated captions (strings) of the images at paths, concepts (len(paths), k) their prompts. Under DDP each
-    process writes every W-th batch of batch_size images, and all processes gather every caption."""
-    images = pixels.images(paths)
-
+def write_captions(net, images, concepts, vocab, args, pixels, device, batch_size=256):
+    """Generated captions (strings) of images, a dataset from pixels.images (or a Subset of one), concepts
+    (len(images), k) their prompts. Under DDP each process writes every W-th batch, and all gather every caption."""
     def batch(lo, hi):  # word ids (hi - lo, max_words) of images lo:hi, padded
-        x = torch.stack([images[i][0] for i in range(lo, hi)]).to(device)
-        ids = generate(net.captioner, net.patches(pixels.normalize(x))[1], concepts[lo:hi].to(device), args.max_words, args.beam)
+        x = pixels.normalize(torch.stack([images[i][0] for i in range(lo, hi)]).to(device))  # (hi - lo, 3, S, S)
+        ids = generate(net.captioner, net.patches(x)[1], concepts[lo:hi].to(device), args.max_words, args.beam)
         return F.pad(ids, (0, args.max_words - ids.shape[1]), value=captions.PAD)
-    return captions.decode(common.chunked(batch, len(paths), batch_size).tolist(), vocab)
+    return captions.decode(common.chunked(batch, len(images), batch_size).tolist(), vocab)
 
 
 @torch.no_grad()
@@ -258,6 +259,7 @@ def main():
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     clip, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
+    train_images = pixels.images(train.paths)  # for the captions the decoder writes (training reads the same cache)
     vocab = captions.vocabulary(train.captions, args.min_count)
     concept_ids = [i for i, w in enumerate(vocab) if i > captions.UNK and w not in STOPWORDS]
     words = torch.as_tensor(captions.encode(train.captions, vocab, args.max_words + 1))  # (N, T) the raw captions, for L_LM
@@ -295,7 +297,7 @@ def main():
         texts = list(train.captions)
         if synthetic.any():
             need = np.unique(train.img_of_cap[synthetic])  # the images whose generated caption is used
-            written = write_captions(model, [train.paths[i] for i in need], concepts[need], vocab, args, pixels, device)
+            written = write_captions(model, Subset(train_images, need), concepts[need], vocab, args, pixels, device)
             for k in np.flatnonzero(synthetic):
                 texts[k] = written[np.searchsorted(need, train.img_of_cap[k])]
             stats.update(completion_report(texts, train.captions, truth, train.img_of_cap, synthetic, is_noisy, log))
@@ -326,7 +328,7 @@ def main():
         if captioner:  # a few captions of images whose caption is noisy, as the decoder now writes them
             pairs = np.flatnonzero(is_noisy) if is_noisy.any() else np.arange(len(is_noisy))
             show = pairs[np.unique(train.img_of_cap[pairs], return_index=True)[1][:3]]  # the first noisy pair of 3 images
-            for k, gen in zip(show, write_captions(model, [train.paths[train.img_of_cap[k]] for k in show],
+            for k, gen in zip(show, write_captions(model, Subset(train_images, train.img_of_cap[show]),
                                                    concepts[train.img_of_cap[show]], vocab, args, pixels, device)):
                 log(f"  image {train.img_of_cap[k]}: generated '{gen}' | raw '{train.captions[k]}' | true '{truth[train.img_of_cap[k]][0]}'")
         best = common.save_epoch(args, "nlip", clip, opt, epoch, best, history,
@@ -345,7 +347,7 @@ def main():
             f"{k} {v['accuracy']:.1%} (chance {v['chance']:.1%})" for k, v in extra["zero_shot"].items()))
     if captioner:
         captioner.load_state_dict(ck["decoder"])
-        written = write_captions(model, test.paths, top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
+        written = write_captions(model, pixels.images(test.paths), top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
                                  vocab, args, pixels, device)
         refs = data.by_image(test)
         extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}

@@ -42,6 +42,7 @@ Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
   - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0 whatever
     the number of dropped pairs; the official one counts full-set steps and so never finishes its decay.
   - lr and model selection as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
+Infrastructure as npc.py (--compile: A and A', not the fp32 memory passes).
 Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs). There the drop is
 sharp (at noise 0.4 it removes about 7,300 pairs an epoch, 98-100% of them noisy) and SDD reaches test rSum 262.4
 at noise 0.4 and 241.6 at 0.8, against 237.3 and 181.3 for baseline.py (the README has the table).

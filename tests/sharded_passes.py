@@ -30,11 +30,11 @@ def main(root, out):
     clip, preprocess, _ = common.load_model("nc-tiny", "none", device, log=lambda line: None)
     model = nlip.NLIP(clip, nlip.Captioner(30, 128, 1, 128, 3 + 6 + 2)).eval()
     vocab = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(26)]
-    paths = data.load_split("embedded", root, "train").paths[:10]
-    concepts = torch.randint(4, 30, (10, 3), generator=g)
     pixels = data.Pixels(preprocess, Path(out) / "cache")  # every process asks for the cache: one builds it
+    images = torch.utils.data.Subset(pixels.images(data.load_split("embedded", root, "train").paths), range(5, 15))
+    concepts = torch.randint(4, 30, (10, 3), generator=g)
     for beam in (1, 2):
-        got[f"beam{beam}"] = nlip.write_captions(model, paths, concepts, vocab, SimpleNamespace(max_words=6, beam=beam),
+        got[f"beam{beam}"] = nlip.write_captions(model, images, concepts, vocab, SimpleNamespace(max_words=6, beam=beam),
                                                  pixels, device, batch_size=3)  # 4 batches: 2, 2 under 2 processes
     torch.save(got, Path(out) / f"rank{common.rank()}.pt")
 

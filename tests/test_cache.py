@@ -97,3 +97,13 @@ def test_features_are_the_same_with_and_without_the_cache(embedded, tmp_path):
     cached = common.features(model, dev, data.Pixels(preprocess, tmp_path), tokenizer, torch.device("cpu"))
     decoded = common.features(model, dev, data.Pixels(preprocess), tokenizer, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(cached, decoded))
+
+
+def test_building_the_cache_leaves_the_global_random_generator_alone(f30k, tmp_path):
+    """embedded.pretrain_tiny builds its cache on first use, then shuffles: a build must not change what it draws."""
+    paths = data.load_split("f30k", f30k, "dev").paths
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    data.Pixels(_preprocess(64), tmp_path).images(paths)
+    assert torch.equal(torch.rand(3), want)
