@@ -47,8 +47,9 @@ MAX_CAPS = 5  # captions kept per image (COCO has a few images with 6 or 7; the 
 # ---------------------------------------------------------------------------------------------------------
 # Loaders
 def atomic_write(path, write):
-    """write(f) into path.tmp, then rename: a crash never leaves a half-written file at path."""
-    tmp = Path(f"{path}.tmp")
+    """write(f) into a temporary file of this process, then rename: a crash never leaves a half-written file at path,
+    and two processes writing the same path at once never share a temporary file."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -105,6 +106,10 @@ def load_split(dataset, root, split):
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist (--data-root)")
     names = [JSON_NAMES[dataset]] if dataset in JSON_NAMES else [p.name for p in sorted(root.glob("dataset_*.json"))]
+    if len(names) > 1:
+        raise UserError(f"{root} holds {len(names)} Karpathy JSON files ({', '.join(names)}); --dataset custom needs one")
+    if dataset == "custom" and not names and (root / "annotations" / "scan_split").is_dir():
+        raise UserError(f"{root} has the SCAN layout, which --dataset custom does not read: use f30k, coco or cc120k")
     if names and (root / names[0]).exists():
         paths, captions = _karpathy(root / names[0], split)
     elif dataset != "custom" and (root / "annotations" / "scan_split" / f"{split}_caps.txt").exists():
@@ -124,20 +129,27 @@ def inject_noise(split, noise, seed, cache_file):
     """Permute the captions of round(noise * N) random caption slots among those slots.
 
     Returns the noisy split and is_noisy (N,) bool (a caption that lands on a slot of its own image stays
-    clean). Deterministic in (noise, seed, N); the permutation is cached whole to cache_file.
+    clean). Deterministic in (noise, seed, N), so computed every time; cache_file keeps a record of it, written whole,
+    and rewritten when it holds anything else (another noise rate's or seed's permutation, or a broken file).
     """
     if not 0 <= noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {noise}")
     img_of_cap, n, cache_file = split.img_of_cap, len(split.captions), Path(cache_file)
-    src = np.load(cache_file) if cache_file.exists() else None
-    if src is None or len(src) != n:
-        rng = np.random.default_rng(seed)
-        slots = rng.choice(n, round(noise * n), replace=False)
-        src = np.arange(n)
-        src[slots] = slots[rng.permutation(len(slots))]
+    rng = np.random.default_rng(seed)
+    slots = rng.choice(n, round(noise * n), replace=False)
+    src = np.arange(n)
+    src[slots] = slots[rng.permutation(len(slots))]
+    if not _holds(cache_file, src):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache_file, lambda f: np.save(f, src))
     return split._replace(captions=[split.captions[j] for j in src]), img_of_cap[src] != img_of_cap
+
+
+def _holds(path, array):
+    try:
+        return np.array_equal(np.load(path), array)
+    except (OSError, ValueError):  # missing, or not an .npy
+        return False
 
 
 def noisy_train(dataset, root, noise, seed):

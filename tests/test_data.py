@@ -1,5 +1,6 @@
 """Noise injection and the dataset loaders, on small folders the tests write themselves."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -42,9 +43,20 @@ def test_noise_is_deterministic_and_cached_whole(tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     assert not list(tmp_path.glob("*.tmp"))
-    np.save(tmp_path / "a.npy", np.arange(7))  # a cache of the wrong length is rebuilt, not trusted
-    _, d = data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")
-    assert np.array_equal(a, d) and len(np.load(tmp_path / "a.npy")) == 500
+    want = np.load(tmp_path / "a.npy")
+    for stale in (np.arange(7), np.load(tmp_path / "c.npy")):  # the wrong length; another seed's permutation
+        np.save(tmp_path / "a.npy", stale)
+        _, d = data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")
+        assert np.array_equal(a, d) and np.array_equal(np.load(tmp_path / "a.npy"), want)  # not trusted: rewritten
+    (tmp_path / "a.npy").write_bytes(b"not an npy file")
+    assert np.array_equal(data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")[1], a)
+
+
+def test_atomic_write_leaves_another_writers_temporary_file_alone(tmp_path):
+    other = tmp_path / f"r.json.{os.getpid() + 1}.tmp"  # what a second process writing r.json at once would use
+    other.write_text("half of another process's file")
+    data.atomic_write(tmp_path / "r.json", lambda f: f.write(b"{}"))
+    assert (tmp_path / "r.json").read_text() == "{}" and other.read_text() == "half of another process's file"
 
 
 @pytest.mark.parametrize("noise", [-0.1, 1.0, 1.5])
@@ -116,6 +128,15 @@ def test_custom_karpathy_json(tmp_path):
     _images(tmp_path / "images", ["a.png"])
     split = data.load_split("custom", tmp_path, "test")
     assert split.captions == ["x", "y"] and list(split.img_of_cap) == [0, 0]
+    (tmp_path / "dataset_other.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(UserError, match="holds 2 Karpathy JSON files .dataset_mine.json, dataset_other.json"):
+        data.load_split("custom", tmp_path, "test")
+
+
+def test_custom_on_a_scan_folder_names_the_layout(tmp_path):
+    _scan(tmp_path, "f30k", ids_per_caption=False)
+    with pytest.raises(UserError, match="SCAN layout, which --dataset custom does not read"):
+        data.load_split("custom", tmp_path, "train")
 
 
 def test_embedded_is_generated_in_karpathy_layout(tmp_path):
