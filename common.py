@@ -189,7 +189,12 @@ def set_lr(opt, step, total, warmup, peak):
 
 
 def train_step(model, opt, loss, clip=10.0):
-    """Backward, clip the gradient norm (official: 10), step, clamp the logit scale to ln(100)."""
+    """Backward, clip the gradient norm (official: 10), step, clamp the logit scale to ln(100). A loss that is not
+    finite stops the run in one line, before it reaches the weights or a checkpoint."""
+    if not torch.isfinite(loss):
+        step = int(next(iter(opt.state.values()), {}).get("step", 0)) + 1
+        raise UserError(f"the loss is {loss.item()} at optimiser step {step} (lr {opt.param_groups[0]['lr']:g}): the run "
+                        "diverged and stopped; the checkpoints of its finished epochs are kept")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

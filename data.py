@@ -74,20 +74,31 @@ def _karpathy(json_path, split):
 
 
 def _lines(path):
+    """The lines of a text file without its trailing blank lines; a blank line before them is an error."""
     if not path.is_file():
         raise UserError(f"{path} is missing")
-    return path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    blank = next((k for k, line in enumerate(lines) if not line.strip()), None)
+    if blank is not None:
+        raise UserError(f"{path}: line {blank + 1} is blank")
+    return lines
 
 
 def _scan(root, dataset, split):
     d = Path(root) / "annotations" / "scan_split"
-    caps, ids = _lines(d / f"{split}_caps.txt"), [i.strip() for i in _lines(d / f"{split}_ids.txt") if i.strip()]
-    if not ids or len(caps) % len(ids):
-        raise UserError(f"{d}/{split}_caps.txt has {len(caps)} lines, not a multiple of the {len(ids)} ids")
-    ids = np.repeat(ids, len(caps) // len(ids)).tolist()
+    caps, ids = _lines(d / f"{split}_caps.txt"), [i.strip() for i in _lines(d / f"{split}_ids.txt")]
+    per = 1 if dataset == "cc120k" else MAX_CAPS  # captions per image when the ids file has one line per image
+    per_image = len(caps) == per * len(ids) and len(set(ids)) == len(ids)
+    if not ids or (len(ids) != len(caps) and not per_image):
+        raise UserError(f"{d}/{split}_caps.txt has {len(caps)} captions for {len(ids)} ids: neither one id a caption "
+                        f"nor {per} captions for each of distinct ids")
+    ids = ids if len(ids) == len(caps) else np.repeat(ids, per).tolist()
     order = list(dict.fromkeys(ids))  # images in order of first appearance (COCO 1K folds depend on it)
+    names = [n.strip() for n in _lines(d / "image_name.txt")] if dataset == "f30k" else []
+    bad = [i for i in order if dataset != "cc120k" and not (i.isdigit() and (dataset == "coco" or int(i) < len(names)))]
+    if bad:
+        raise UserError(f"{d}/{split}_ids.txt: the id '{bad[0]}' names no {dataset} image")
     if dataset == "f30k":
-        names = [n.strip() for n in _lines(d / "image_name.txt")]
         files = [names[int(i)] for i in order]
     else:
         files = [f"COCO_2014_{int(i):012d}.jpg" if dataset == "coco" else f"{i}.jpg" for i in order]
@@ -95,7 +106,7 @@ def _scan(root, dataset, split):
     captions = [[] for _ in order]
     for i, c in zip(ids, caps):
         captions[pos[i]].append(c.strip())
-    return [str(Path(root) / "images" / f) for f in files], captions
+    return [str(Path(root) / "images" / f) for f in files], [c[:MAX_CAPS] for c in captions]
 
 
 def load_split(dataset, root, split):
@@ -139,17 +150,14 @@ def inject_noise(split, noise, seed, cache_file):
     slots = rng.choice(n, round(noise * n), replace=False)
     src = np.arange(n)
     src[slots] = slots[rng.permutation(len(slots))]
-    if not _holds(cache_file, src):
+    try:
+        stale = not np.array_equal(np.load(cache_file), src)
+    except (OSError, ValueError):  # missing, or not an .npy
+        stale = True
+    if stale:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache_file, lambda f: np.save(f, src))
     return split._replace(captions=[split.captions[j] for j in src]), img_of_cap[src] != img_of_cap
-
-
-def _holds(path, array):
-    try:
-        return np.array_equal(np.load(path), array)
-    except (OSError, ValueError):  # missing, or not an .npy
-        return False
 
 
 def noisy_train(dataset, root, noise, seed):

@@ -122,6 +122,34 @@ def test_scan_layout(tmp_path, dataset, ids_per_caption):
         data.load_split(dataset, tmp_path, "dev")
 
 
+def test_scan_text_files_that_pair_captions_with_the_wrong_images_are_refused(tmp_path):
+    _scan(tmp_path, "f30k", ids_per_caption=False)  # train: 3 ids, one a line, 15 captions
+    d = tmp_path / "annotations" / "scan_split"
+    caps = (d / "train_caps.txt").read_text()
+    (d / "train_caps.txt").write_text(caps + "\n\n")  # trailing blank lines are stripped, then counted
+    assert len(data.load_split("f30k", tmp_path, "train").captions) == 15
+    for bad, words in ((caps + caps, "30 captions for 3 ids"),  # doubled: 10 captions an image
+                       (caps + "one more\n", "16 captions for 3 ids"),
+                       (caps.replace("3 says 0\n", "\n"), "line 6 is blank")):
+        (d / "train_caps.txt").write_text(bad)
+        with pytest.raises(UserError, match=words):
+            data.load_split("f30k", tmp_path, "train")
+    (d / "train_caps.txt").write_text(caps)
+    (d / "train_ids.txt").write_text("7\n3\n")  # truncated
+    with pytest.raises(UserError, match="15 captions for 2 ids"):
+        data.load_split("f30k", tmp_path, "train")
+    (d / "train_ids.txt").write_text("7\n7\n7\n")  # as many lines as images, but not one per image
+    with pytest.raises(UserError, match="distinct ids"):
+        data.load_split("f30k", tmp_path, "train")
+    for bad in ("7\nx3\n9\n", "7\n3\n10\n"):  # not a number; beyond the 10 lines of image_name.txt
+        (d / "train_ids.txt").write_text(bad)
+        with pytest.raises(UserError, match="train_ids.txt: the id '(x3|10)' names no f30k image"):
+            data.load_split("f30k", tmp_path, "train")
+    per_caption = "".join(f"{i}\n" for i in ["7"] * 7 + ["3"] * 8)  # one id a caption: 7 and 8 captions
+    (d / "train_ids.txt").write_text(per_caption)
+    assert [sum(data.load_split("f30k", tmp_path, "train").img_of_cap == k) for k in (0, 1)] == [5, 5]  # capped at 5
+
+
 def test_custom_karpathy_json(tmp_path):
     images = [{"filename": "a.png", "split": "test", "sentences": [{"raw": "x"}, {"raw": "y"}]}]
     (tmp_path / "dataset_mine.json").write_text(json.dumps({"images": images}))

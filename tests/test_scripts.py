@@ -95,6 +95,13 @@ def test_unknown_dataset_or_bad_flag_value_is_one_line(script, fails_here):
     fails_here(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x", words=["invalid"])
 
 
+@pytest.mark.parametrize("script", ["baseline.py", "npc.py"])
+def test_a_diverged_run_stops_in_one_line_before_writing_a_checkpoint(script, embedded, fails_here, tmp_path):
+    fails_here(script, "--data-root", embedded, "--out-dir", "o", "--lr", "inf", "--epochs", "1", "--batch-size", "48",
+               words=["the loss is nan at optimiser step", "lr inf", "diverged"])
+    assert not (tmp_path / "o" / "best.pt").exists() and not (tmp_path / "o" / "last.pt").exists()
+
+
 def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
     import shutil
     root = tmp_path / "copy"
