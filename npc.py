@@ -41,7 +41,7 @@ Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
     pairs before the step: 13 forward-equivalents a pair against a plain step's 3.
   - lr, schedule, model selection: as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
 Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
-Infrastructure as baseline.py. --compile compiles A's and A''s training forwards and backwards; the fp32 memory
+Infrastructure as baseline.py. --compile compiles the training forwards and backwards of A and A'; the fp32 memory
 passes stay eager: they call the bare modules without gradient, and their time is fp32 matrix products.
 On the embedded data the memory bank is sharp (its clean set is 96% clean), but the look-ahead weight separates
 clean from noisy pairs only weakly (mean w about 0.84 against 0.82): one step on a whole batch moves every memory
