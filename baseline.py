@@ -31,9 +31,10 @@ import torch
 import common
 import data
 import embedded
+import runs
 
-# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL)
-parser = common.Parser(__doc__)
+# ---- flags (None: the dataset's default, see runs.EMBEDDED and runs.REAL)
+parser = runs.Parser(__doc__)
 parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
 parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
 parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
@@ -50,6 +51,7 @@ parser.add_argument("--workers", type=int, help="DataLoader worker processes")
 parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+parser.add_argument("--overwrite", action="store_true", help="delete the run already in out-dir and start again")
 parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
 parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
@@ -58,27 +60,28 @@ parser.add_argument("--clean-only", action="store_true", help="train on the trul
 
 def main():
     method = "baseline-clean" if "--clean-only" in sys.argv else "baseline"
-    args = common.parse(parser, method)
+    args = runs.parse(parser, method)
 
     # ---- setup
     device = common.setup(args)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
-    log = common.logger(args.out_dir)
+    log = runs.logger(args.out_dir)
     log(f"{method}: {vars(args)}")
-    if args.dataset == "embedded" and args.pretrained is None:
-        args.pretrained = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
+    weights = args.pretrained  # args stay as given: --resume compares them with the checkpoint's
+    if args.dataset == "embedded" and weights is None:
+        weights = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
 
     # ---- data, then the pre-trained model (its preprocessing and tokenizer make the samples)
     train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
     dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
-    model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    model, preprocess, tokenizer = common.load_model(args.model, weights, device, log)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
     pairs = data.Pairs(train, pixels, tokenizer)
     if args.clean_only:
         pairs = torch.utils.data.Subset(pairs, np.flatnonzero(~is_noisy).tolist())
-    loader = data.loader(pairs, args.batch_size, args.workers, args.seed)
+    loader = common.loader(pairs, args.batch_size, args.workers, args.seed)
     if len(loader) == 0:
         raise data.UserError(f"{len(pairs)} training pairs make no full batch of {args.batch_size}")
 
@@ -87,7 +90,7 @@ def main():
     net = torch.nn.parallel.DistributedDataParallel(model) if common.world() > 1 else model
     net = torch.compile(net) if args.compile else net
     total = args.epochs * len(loader)
-    start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
+    start, best, history = runs.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
         history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
@@ -98,24 +101,26 @@ def main():
     for epoch in range(start, args.epochs):
         model.train()
         common.start_epoch(loader, args, epoch)
-        t0, losses = time.time(), []
-        for i, (images, tokens, _) in enumerate(loader):
+        t0, losses, trained = time.time(), [], []
+        for i, (images, tokens, k) in enumerate(loader):
             common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
             with amp:
                 img, txt, scale = net(pixels.normalize(images.to(device)), tokens.to(device))
                 loss = common.info_nce(img, txt, scale).mean()
             common.train_step(net, opt, loss)
             losses.append(loss.item())
+            trained.append(common.gather(k.to(device)))  # the caption slots this step trained on, of every process
         train_s, dev_r = time.time() - t0, common.evaluate(model, dev, pixels, tokenizer, device)
         loss = common.global_mean(losses)  # the epoch's mean over every process
-        history.append({"epoch": epoch + 1, "loss": loss, "time_s": train_s, "dev": dev_r})
+        noisy_trained = float(is_noisy[torch.cat(trained).cpu().numpy()].mean())  # 0 with --clean-only
+        history.append({"epoch": epoch + 1, "loss": loss, "noisy_trained": noisy_trained, "time_s": train_s, "dev": dev_r})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
-        best = common.save_epoch(args, method, model, opt, epoch, best, history)
+        best = runs.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
-    common.finish(args, method, model, test, pixels, tokenizer, device, log, history,
+    runs.finish(args, method, model, test, pixels, tokenizer, device, log, history,
                   extra={"noise_rate": float(is_noisy.mean())})
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runs.run(main)

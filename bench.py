@@ -46,13 +46,14 @@ import common
 import data
 import embedded
 import npc
+import runs
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"], "sdd": ["sdd.py"],
            "nlip": ["nlip.py"]}  # the table's rows, in order; clean (the upper bound) first
 QUICK = {"sizes": {"pretrain": 600, "train": 240, "dev": 100, "test": 100}, "epochs": 1, "batch_size": 32, "warmup": 3}
 
-p = common.Parser(__doc__)
+p = runs.Parser(__doc__)
 p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="which rows (default: all)")
 p.add_argument("--noise", nargs="+", type=float, help="noise ratios in [0, 1) (default: 0 0.2 0.4 0.6 0.8; --quick: 0.4)")
 p.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
@@ -164,7 +165,7 @@ def input_speed(args):
     if args.fake_f30k:
         embedded.write_f30k_like(args.data_root, {"train": args.fake_f30k, "dev": 10, "test": 10})
     paths = data.load_split(args.dataset, args.data_root, "train").paths
-    model = (common.EMBEDDED if args.dataset == "embedded" else common.REAL)["model"]
+    model = (runs.EMBEDDED if args.dataset == "embedded" else runs.REAL)["model"]
     preprocess = open_clip.image_transform(open_clip.get_model_config(model)["vision_cfg"]["image_size"], is_train=False)
     out = {"images": len(paths), "workers": args.workers, "model": model}
     for name, folder in (("pil", None), ("cache", Path(args.out_dir) / "input-cache")):
@@ -184,7 +185,7 @@ def input_speed(args):
 
 def agreement(args):
     """Share of pairs on which NPC's look-ahead ratio r says the same (r < 1 or not) under bf16 and fp32 training."""
-    root, device = Path(common.EMBEDDED["data_root"]), torch.device("cpu")
+    root, device = Path(runs.EMBEDDED["data_root"]), torch.device("cpu")
     model, preprocess, tokenizer = common.load_model("nc-tiny", embedded.prepare(root, device), device)
     pixels = data.Pixels(preprocess, root)
     train, is_noisy = data.noisy_train("embedded", root, 0.4, 0)
@@ -243,7 +244,7 @@ def main():
     if args.nproc < 1:
         raise data.UserError(f"--nproc must be at least 1, got {args.nproc}")
     args.out_dir = args.out_dir or f"out/bench-{'quick' if args.quick else args.dataset}"
-    defaults = dict(common.EMBEDDED if args.dataset == "embedded" else common.REAL)
+    defaults = dict(runs.EMBEDDED if args.dataset == "embedded" else runs.REAL)
     if args.dataset == "embedded":
         args.data_root = args.data_root or (f"{args.out_dir}/data" if args.quick else defaults["data_root"])
         if args.quick:  # a small dataset and a briefly pre-trained tiny CLIP (as the tests use)
@@ -267,12 +268,12 @@ def main():
     print(md)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     data.atomic_write(Path(args.out_dir) / "table.md", lambda f: f.write((md + "\n").encode()))
-    runs = [dict(method=m, noise=n, **(c or {"failed": True})) for (m, n), c in cells.items()]
-    summary = {"budget": budget, "code": code, "runs": runs}
+    done = [dict(method=m, noise=n, **(c or {"failed": True})) for (m, n), c in cells.items()]
+    summary = {"budget": budget, "code": code, "runs": done}
     data.atomic_write(Path(args.out_dir) / "bench.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     if any(c is None for c in cells.values()):
         raise data.UserError(f"{sum(c is None for c in cells.values())} runs failed; their logs are under {args.out_dir}")
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runs.run(main)

@@ -1,16 +1,13 @@
-"""Shared pieces of every script: flags, setup and DDP, CLIP loading, per-sample InfoNCE, GMM, retrieval
-evaluation, checkpoints. Definitions only: importing this file runs nothing but registering nc-tiny."""
-import argparse
-import json
+"""Shared pieces of every script: setup and DDP, CLIP loading, per-sample InfoNCE, GMM, retrieval evaluation,
+checkpoint files (runs.py holds the flags and the run's folder). Definitions only: importing this file runs nothing
+but registering nc-tiny."""
 import logging
 import math
 import os
+import pickle
 import random
-import resource
 import socket
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -25,63 +22,32 @@ from data import UserError
 
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")  # its successor is private
 
-# ---- Flags: the defaults that depend on the dataset. Each script declares its flags at its top.
-EMBEDDED = {"data_root": "data/embedded", "model": "nc-tiny", "pretrained": None, "epochs": 3, "batch_size": 128, "lr": 5e-4,
-            "warmup": 50, "workers": 0, "noise": 0.4}
-REAL = {"model": "ViT-B-32", "pretrained": "openai", "epochs": 5, "batch_size": 256, "lr": 1e-5, "warmup": 500, "workers": 8, "noise": 0.4}
-
-
-class Parser(argparse.ArgumentParser):  # the dataset defaults in -h; errors in one line, like all bad input
-    def __init__(self, doc, embedded=None, real=None):  # embedded, real: a script's own changes to the defaults
-        self.defaults = {"embedded": dict(EMBEDDED, **(embedded or {})), "real": dict(REAL, **(real or {}))}
-        super().__init__(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-                         epilog=f"embedded defaults: {self.defaults['embedded']}\nreal-data defaults: {self.defaults['real']} (cc120k: noise 0)")
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see -h)\n")
-
-
-def parse(p, script):
-    """Parse the flags, fill the defaults of the chosen dataset (None in the parser), check them."""
-    args = p.parse_args()
-    defaults = dict(p.defaults["embedded" if args.dataset == "embedded" else "real"], **({"noise": 0.0} if args.dataset == "cc120k" else {}))
-    for k, v in defaults.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    if args.data_root is None and args.dataset != "embedded":
-        raise UserError(f"--data-root is required for --dataset {args.dataset}")
-    if not 0 <= args.noise < 1:
-        raise UserError(f"--noise must be in [0, 1), got {args.noise}")
-    args.out_dir = args.out_dir or f"out/{script}-{args.dataset}-n{args.noise:g}"
-    if args.resume:  # refuse another method's or model's checkpoint before any work
-        ck = load_checkpoint(Path(args.out_dir) / "last.pt", mmap=True)
-        if (ck.get("method"), ck.get("args", {}).get("model")) != (script, args.model):
-            raise UserError(f"{args.out_dir}/last.pt is not a {script} checkpoint of {args.model}")
-    return args
-
-
-def run(main):
-    """Call main(); a UserError (also one raised in a DataLoader worker) becomes one line and exit status 2."""
-    try:
-        main()
-    except UserError as e:
-        line = [s for s in str(e).splitlines() if s.strip()][-1].strip()
-        print(f"error: {line.split('UserError: ')[-1]}", file=sys.stderr)
-        sys.exit(2)
-
-
 # ---- Setup, DDP (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), logging
 def setup(args):
     """Join the process group under torchrun, pick the device, seed everything. Returns the device."""
+    device = check_device(args.device)
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device == "cuda" and dist.is_initialized():
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)  # NCCL collectives (barrier, all_reduce) run on the current device
-    args.precision = getattr(args, "precision", None) or ("bf16" if device.startswith("cuda") else "fp32")  # autocast
     torch.backends.cudnn.allow_tf32 = False  # fp32 passes (memory losses, features) stay fp32 in the convolution too
     start_epoch(None, args, -1)
     return torch.device(device)
+
+
+def check_device(name):
+    """--device (None: cuda if there is a GPU, else cpu) -> its name, or one line when this machine has no such device."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return name
 
 
 def start_epoch(loader, args, epoch):
@@ -114,17 +80,6 @@ def gather(x):
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if world() > 1 else x
 
 
-def logger(out_dir):
-    """log(line): print on rank 0 and append the same line to out_dir/log.txt."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    def log(line):
-        if rank() == 0:
-            print(line, flush=True)
-            with open(Path(out_dir) / "log.txt", "a") as f:
-                f.write(line + "\n")
-    return log
-
-
 # ---- Models. nc-tiny: embed 128; 64 px ViT, patch 16, width 128, 3 layers; text width 128, 3 layers, context 32.
 open_clip.factory._MODEL_CONFIGS["nc-tiny"] = {  # what add_model_config would read from a JSON file
     "embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 16, "head_width": 32},
@@ -132,15 +87,19 @@ open_clip.factory._MODEL_CONFIGS["nc-tiny"] = {  # what add_model_config would r
 
 
 def resolve_weights(model, pretrained):
-    """(weights file or None, open_clip kwargs the tag implies). Fails fast, in one line, when offline."""
-    if pretrained in (None, "", "none") or os.path.isfile(pretrained):
-        return pretrained if pretrained not in ("", "none") else None, {}
+    """(weights file or None, open_clip kwargs the tag implies). Fails fast, in one line, when offline. A checkpoint
+    of these scripts is a weights file too; its kwargs are those of the weights its run started from."""
+    if pretrained in (None, "", "none"):
+        return None, {}
+    if os.path.isfile(pretrained):
+        own = own_checkpoint(pretrained)
+        if own is None:
+            return pretrained, {}
+        if own["args"].get("model") != model:
+            raise UserError(f"{pretrained} is a checkpoint of {own['args'].get('model')}, not {model}: pass --model to match")
+        return pretrained, tag_kwargs(model, own["args"].get("pretrained"))
+    kwargs = tag_kwargs(model, pretrained)  # one line for an unknown tag
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if not cfg:
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-        raise UserError(f"--pretrained {pretrained} is neither a file nor a tag of {model} (tags: {tags})")
-    kwargs = {"force_quick_gelu": cfg.get("quick_gelu", False), "image_mean": cfg.get("mean"), "image_std": cfg.get("std"),
-              "image_interpolation": cfg.get("interpolation"), "image_resize_mode": cfg.get("resize_mode")}
     from huggingface_hub import try_to_load_from_cache
     repo, name = os.path.split(cfg.get("hf_hub", ""))
     for hit in [try_to_load_from_cache(repo, f) for f in ("open_clip_model.safetensors", name or "open_clip_pytorch_model.bin")] if repo else []:
@@ -156,14 +115,41 @@ def resolve_weights(model, pretrained):
     return open_clip.download_pretrained(cfg), kwargs
 
 
+def tag_kwargs(model, pretrained):
+    """The open_clip kwargs a pretrained tag implies (activation, normalisation, resizing); {} for none or a file."""
+    if pretrained in (None, "", "none") or os.path.isfile(pretrained):
+        return resolve_weights(model, pretrained)[1]
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise UserError(f"--pretrained {pretrained} is neither a file nor a tag of {model} (tags: {tags})")
+    return {"force_quick_gelu": cfg.get("quick_gelu", False), "image_mean": cfg.get("mean"), "image_std": cfg.get("std"),
+            "image_interpolation": cfg.get("interpolation"), "image_resize_mode": cfg.get("resize_mode")}
+
+
+def own_checkpoint(path):
+    """A checkpoint these scripts wrote ({"model": state dict, "args": its flags, ...}), or None for any other file."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (not a torch.save file: open_clip reads it, or says why not)
+        return None
+    return ck if isinstance(ck, dict) and {"method", "model", "args"} <= ck.keys() else None
+
+
 def load_model(model_name, pretrained, device, log=print):
-    """(model, preprocess, tokenizer): an open_clip model with weights from a tag, a file, or none (random init)."""
+    """(model, preprocess, tokenizer): an open_clip model with weights from a tag, a file (open_clip's, or a checkpoint
+    of these scripts), or none (random init)."""
     path, kwargs = resolve_weights(model_name, pretrained)
+    own = own_checkpoint(path) if path else None
     logging.disable(logging.WARNING)  # open_clip warns of a random init, which the line below states
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=path, device=device, **kwargs)
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None if own else path,
+                                                                     device=device, **kwargs)
+        if own:
+            model.load_state_dict(own["model"])
     except Exception as e:  # noqa: BLE001 (not weights, or weights of another model: the same to the user)
-        raise UserError(f"cannot create {model_name} from {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})") from None
+        cause = " ".join(line.strip() for line in str(e).splitlines())  # state_dict errors: the cause is on line 2
+        raise UserError(f"cannot create {model_name} from {path} ({e.__class__.__name__}: {cause[:300]})") from None
     finally:
         logging.disable(logging.NOTSET)
     log(f"model {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), weights: {path or 'random init'}")
@@ -171,6 +157,13 @@ def load_model(model_name, pretrained, device, log=print):
 
 
 # ---- Training pieces
+def loader(ds, batch_size, workers, seed):
+    """Shuffled training batches, batch_size / W pairs in each of W processes; the order depends on (seed, epoch) only."""
+    sampler = torch.utils.data.DistributedSampler(ds, world(), rank(), shuffle=True, seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(ds, batch_size // world(), sampler=sampler, num_workers=workers, drop_last=True,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
 def optimizer(model, lr, wd):
     """AdamW, official betas and eps; no weight decay on gains, biases or logit_scale (as open_clip)."""
     groups = {True: [], False: []}
@@ -266,12 +259,16 @@ def _unshard(x, n, w):
 
 def recall(sims, img_of_cap):
     """R@1/5/10 both ways and rSum from sims (n_img, n_cap). i2t: an image is a hit at K if its best-ranked own
-    caption is in its top K; t2i: a caption is a hit at K if its image is in its top K. Ties favour the query."""
+    caption is in its top K; t2i: a caption is a hit at K if its image is in its top K. A tie, or a NaN, counts
+    against the query: a constant or diverged model scores no better than chance, never 100."""
     owner = torch.as_tensor(img_of_cap, device=sims.device)
-    pos = sims[owner, torch.arange(len(owner), device=sims.device)]  # (n_cap,) each caption with its own image
-    t2i_rank = (sims > pos[None, :]).sum(0)  # (n_cap,) images scored above the caption's own
+    cols = torch.arange(len(owner), device=sims.device)
+    own = torch.zeros_like(sims, dtype=torch.bool)
+    own[owner, cols] = True  # (n_img, n_cap) the pairs that belong together
+    pos = sims[owner, cols]  # (n_cap,) each caption with its own image
+    t2i_rank = (~(sims < pos[None, :]) & ~own).sum(0)  # (n_cap,) other images scored at or above the caption's own
     best = torch.full((len(sims),), -math.inf, dtype=sims.dtype, device=sims.device).scatter_reduce(0, owner, pos, "amax")
-    i2t_rank = (sims > best[:, None]).sum(1)  # (n_img,) captions scored above the image's best own caption
+    i2t_rank = (~(sims < best[:, None]) & ~own).sum(1)  # (n_img,) others' captions at or above the best own caption
     r = {f"{d}_r{k}": 100 * (ranks < k).float().mean().item() for d, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank))
          for k in (1, 5, 10)}
     return dict(r, rsum=sum(r.values()))
@@ -279,11 +276,14 @@ def recall(sims, img_of_cap):
 
 def fold_recall(sims, img_of_cap, fold=1000):
     """Mean recalls over consecutive folds of `fold` images and their captions (COCO 1K: five folds), each fold's
-    six recalls in full (the official NPC/SDD code adds i2t R@10 into t2i R@10 here)."""
+    six recalls in full (the official NPC/SDD code adds i2t R@10 into t2i R@10 here). The images after the last
+    whole fold are left out, and "left_out" says how many; None with fewer images than one fold."""
     img_of_cap = np.asarray(img_of_cap)
+    if len(sims) < fold:
+        return None
     folds = [recall(sims[f * fold:(f + 1) * fold][:, img_of_cap // fold == f], img_of_cap[img_of_cap // fold == f] - f * fold)
              for f in range(len(sims) // fold)]
-    return {k: float(np.mean([r[k] for r in folds])) for k in folds[0]}
+    return dict({k: float(np.mean([r[k] for r in folds])) for k in folds[0]}, left_out=len(sims) % fold)
 
 
 def evaluate(model, split, pixels, tokenizer, device, coco_1k=False, local=False):
@@ -291,6 +291,14 @@ def evaluate(model, split, pixels, tokenizer, device, coco_1k=False, local=False
     img, txt = features(model, split, pixels, tokenizer, device, local=local)
     sims = img @ txt.T  # (n_img, n_cap)
     return dict(recall(sims, split.img_of_cap), **({"coco1k": fold_recall(sims, split.img_of_cap)} if coco_1k else {}))
+
+
+def fmt_1k(r, n_img):
+    """The COCO 1K line: the fold means, or why there are none or which images they leave out."""
+    if r is None:
+        return f"COCO 1K: none, the split has {n_img} images, fewer than one fold of 1000"
+    left = f", the last {r['left_out']} images left out (not a whole fold)" if r["left_out"] else ""
+    return f"COCO 1K (mean of {n_img // 1000} folds{left}): {fmt(r)}"
 
 
 def fmt(r):
@@ -308,43 +316,7 @@ def load_checkpoint(path, mmap=False):
         raise UserError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 (any failure to unpickle means the same thing to the user)
-        raise UserError(f"cannot read checkpoint {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-def resume(args, model, opt):
-    """Restore model and optimiser from out_dir/last.pt (checked by parse) -> (next epoch, best dev rSum, history)."""
-    ck = load_checkpoint(Path(args.out_dir) / "last.pt")
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    return ck["epoch"] + 1, ck["best"], ck["history"]
-
-
-def save_epoch(args, method, model, opt, epoch, best, history, extra=None):
-    """last.pt every epoch (with the optimiser), best.pt when the dev rSum of history[-1] beats best. -> new best."""
-    dev = history[-1]["dev"]["rsum"]
-    ck = dict(method=method, args=vars(args), model=model.state_dict(), epoch=epoch, best=max(best, dev), history=history,
-              **(extra or {}))
-    if rank() == 0:
-        if dev > best:
-            save_checkpoint(Path(args.out_dir) / "best.pt", ck)
-        save_checkpoint(Path(args.out_dir) / "last.pt", dict(ck, optimizer=opt.state_dict()))
-    return max(best, dev)
-
-
-def finish(args, method, model, test, pixels, tokenizer, device, log, history, extra=None):
-    """Test the best-dev checkpoint, log it, write out_dir/results.json (whole). -> test recalls."""
-    if world() > 1:
-        dist.barrier()  # rank 0 has written best.pt
-    ck = load_checkpoint(Path(args.out_dir) / "best.pt")
-    model.load_state_dict(ck["model"])
-    r = evaluate(model, test, pixels, tokenizer, device, coco_1k=args.dataset == "coco")
-    log(f"test (best dev epoch {ck['epoch'] + 1}): {fmt(r)}")
-    if "coco1k" in r:
-        log(f"test COCO 1K (mean of 5 folds): {fmt(r['coco1k'])}")
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    results = dict(method=method, args=vars(args), best_epoch=ck["epoch"] + 1, test=r, history=history,
-                   peak_memory_gib=peak / 2**30, **(extra or {}))  # CUDA: tensors allocated; CPU: the process's peak RSS
-    if rank() == 0:
-        data.atomic_write(Path(args.out_dir) / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
-    return r
+    except pickle.UnpicklingError:  # weights_only refused it: it is not what torch.save writes of tensors and values
+        raise UserError(f"cannot read checkpoint {path}: it is not a torch.save file of tensors and plain values") from None
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file means the same thing to the user)
+        raise UserError(f"cannot read checkpoint {path} ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None

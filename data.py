@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
@@ -60,9 +59,9 @@ def atomic_write(path, write):
 
 def _karpathy(json_path, split):
     try:
-        images = json.loads(Path(json_path).read_text())["images"]
+        images = json.loads(Path(json_path).read_text(encoding="utf-8"))["images"]
         keep = [im for im in images if im["split"] in KARPATHY_SPLITS[split]]
-        captions = [[s["raw"].strip() for s in im["sentences"]][:MAX_CAPS] for im in keep]
+        captions = [[s["raw"] for s in im["sentences"]][:MAX_CAPS] for im in keep]  # checked in load_split
         files = [os.path.join(im.get("filepath", ""), im["filename"]) for im in keep]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{json_path} is not a Karpathy-layout JSON ({e.__class__.__name__}: {e})")
@@ -127,11 +126,25 @@ def load_split(dataset, root, split):
         paths, captions = _scan(root, dataset, split)
     else:
         raise UserError(f"{root} holds neither {names[0] if names else 'dataset_*.json'} nor annotations/scan_split/{split}_caps.txt")
+    check(paths, captions, split)
+    img_of_cap = np.repeat(np.arange(len(paths)), [len(c) for c in captions])
+    return Split(paths, [c.strip() for cs in captions for c in cs], img_of_cap)
+
+
+def check(paths, captions, split):
+    """Before any work: every image has a caption, every caption is text, every image file opens as an image (its
+    header is read: a broken file is named now, not after training)."""
+    for path, caps in zip(paths, captions):
+        if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise UserError(f"{split} split: image {path} has no caption, or a caption that is empty or not text: {caps}")
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise UserError(f"{len(missing)} image(s) of the {split} split are missing, first: {missing[0]}")
-    img_of_cap = np.repeat(np.arange(len(paths)), [len(c) for c in captions])
-    return Split(paths, [c for cs in captions for c in cs], img_of_cap)
+    for path in paths:
+        try:
+            Image.open(path).close()
+        except OSError as e:
+            raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,22 +177,6 @@ def noisy_train(dataset, root, noise, seed):
     """The training split with noise injected; the permutation is cached in cache_dir(root)/noise/. -> (split, is_noisy)"""
     cache = cache_dir(root) / "noise" / f"{dataset}_n{noise:g}_s{seed}.npy"
     return inject_noise(load_split(dataset, root, "train"), noise, seed, cache)
-
-
-def by_image(split):
-    """The captions of each image of a split: [[caption, ...], ...] (n_img lists)."""
-    out = [[] for _ in split.paths]
-    for c, i in zip(split.captions, split.img_of_cap):
-        out[i].append(c)
-    return out
-
-
-def loader(ds, batch_size, workers, seed):
-    """Shuffled training batches, batch_size / W pairs in each of W processes; the order depends on (seed, epoch) only."""
-    w, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    sampler = torch.utils.data.DistributedSampler(ds, w, r, shuffle=True, seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(ds, batch_size // w, sampler=sampler, num_workers=workers, drop_last=True,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
 class Pairs(torch.utils.data.Dataset):

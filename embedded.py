@@ -116,7 +116,8 @@ def ensure_embedded(root, sizes=None, seed=0):
     if (root / data.JSON_NAMES["embedded"]).exists():
         return
     sizes = sizes or EMBEDDED_SIZES
-    print(f"generating the embedded dataset in {root} ({sizes}) ...", flush=True)
+    print(f"{root} holds no {data.JSON_NAMES['embedded']}: generating the embedded dataset there, once ({sum(sizes.values())} "
+          f"images {sizes}; with pre-training about 4-5 min on 2 cores; check --data-root if you meant another folder)", flush=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for split, n in sizes.items():

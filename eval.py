@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import common
 import data
 import embedded
+import runs
 
 
 def main():
-    p = common.Parser(__doc__)
+    p = runs.Parser(__doc__)
     p.add_argument("--checkpoint", help="best.pt or last.pt of any script, or a state dict (default: none, zero-shot)")
     p.add_argument("--dataset", choices=data.DATASETS, help="default: the checkpoint's, else embedded")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data/embedded)")
@@ -31,10 +32,10 @@ def main():
     ck = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
     saved = ck.get("args", {}) if ck else {}  # a script's checkpoint; a bare state dict has no "args"
     dataset = args.dataset or saved.get("dataset", "embedded")
-    defaults = common.EMBEDDED if dataset == "embedded" else common.REAL
+    defaults = runs.EMBEDDED if dataset == "embedded" else runs.REAL
     cfg = SimpleNamespace(dataset=dataset, data_root=args.data_root or saved.get("data_root"),
                           model=args.model or saved.get("model") or defaults["model"],
-                          pretrained="none" if ck else args.pretrained or defaults["pretrained"])
+                          pretrained=args.checkpoint or args.pretrained or defaults["pretrained"])
     if cfg.data_root is None:
         if dataset != "embedded":
             raise data.UserError(f"--data-root is required for --dataset {dataset}")
@@ -42,12 +43,8 @@ def main():
     device = common.setup(SimpleNamespace(device=args.device, seed=0))
     if dataset == "embedded" and cfg.pretrained is None:
         cfg.pretrained = embedded.prepare(cfg.data_root, device)
+    # a checkpoint's weights go into the model its run trained (load_model reads its starting tag's settings)
     model, preprocess, tokenizer = common.load_model(cfg.model, cfg.pretrained, device, log=print if ck is None else lambda line: None)
-    if ck:
-        try:
-            model.load_state_dict(ck.get("model", ck))
-        except RuntimeError as e:
-            raise data.UserError(f"{args.checkpoint} does not fit {cfg.model}: {str(e).splitlines()[0][:200]}") from None
     split = data.load_split(dataset, cfg.data_root, args.split)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(cfg.data_root))
     r = common.evaluate(model, split, pixels, tokenizer, device, coco_1k=dataset == "coco")
@@ -55,10 +52,10 @@ def main():
     print(f"{what} on {dataset} {args.split} ({len(split.paths)} images, {len(split.captions)} captions)")
     print(f"{'5K ' if 'coco1k' in r else ''}{common.fmt(r)}")
     if "coco1k" in r:
-        print(f"1K {common.fmt(r['coco1k'])}")
+        print(common.fmt_1k(r["coco1k"], len(split.paths)))
     if args.json:
         data.atomic_write(args.json, lambda f: f.write(json.dumps(r, indent=1).encode()))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runs.run(main)

@@ -53,9 +53,10 @@ import captions
 import common
 import data
 import embedded
+import runs
 
-# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL, changed here for pre-training)
-parser = common.Parser(__doc__, embedded={"pretrained": "none", "epochs": 6, "lr": 1e-3, "wd": 0.1, "warmup": 100},
+# ---- flags (None: the dataset's default, see runs.EMBEDDED and runs.REAL, changed here for pre-training)
+parser = runs.Parser(__doc__, embedded={"pretrained": "none", "epochs": 6, "lr": 1e-3, "wd": 0.1, "warmup": 100},
                        real={"pretrained": "none", "lr": 5e-4, "wd": 0.2})
 parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
 parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
@@ -73,6 +74,7 @@ parser.add_argument("--workers", type=int, help="DataLoader worker processes")
 parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
+parser.add_argument("--overwrite", action="store_true", help="delete the run already in out-dir and start again")
 parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
 parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward (CLIP and decoder)")
@@ -216,6 +218,14 @@ def scan(clip, train, concept_ids, vocab, args, seed, pixels, tokenizer, device)
     return 1 - common.gmm_clean_prob(loss), top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device)
 
 
+def by_image(split):
+    """The captions of each image of a split: [[caption, ...], ...] (n_img lists)."""
+    out = [[] for _ in split.paths]
+    for c, i in zip(split.captions, split.img_of_cap):
+        out[i].append(c)
+    return out
+
+
 def completion_report(texts, raw, truth, owner, synthetic, is_noisy, log):
     """Did completion describe the images better than the noise did? BLEU-4 and CIDEr, against the image's true
     captions, of the synthetic and of the raw captions of the completed pairs that were truly noisy."""
@@ -236,7 +246,7 @@ def top_concepts(clip, img, concept_ids, vocab, k, tokenizer, device):
 
 
 def main():
-    args = common.parse(parser, "nlip")
+    args = runs.parse(parser, "nlip")
     for flag, (low, high) in {"lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, np.inf), "warmup_epochs": (0, np.inf),
                               "concepts": (1, np.inf), "beam": (1, np.inf), "dec_layers": (1, np.inf), "max_words": (2, np.inf)}.items():
         if not low <= getattr(args, flag) <= high:
@@ -246,7 +256,7 @@ def main():
     # ---- setup
     device = common.setup(args)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
-    log = common.logger(args.out_dir)
+    log = runs.logger(args.out_dir)
     log(f"nlip: {vars(args)}")
     if args.dataset == "embedded":
         embedded.prepare(args.data_root, device, log, pretrain=False)  # the data on first use; the CLIP is trained here
@@ -254,7 +264,7 @@ def main():
     # ---- data, the CLIP and the decoder
     train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
     dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
-    truth = data.by_image(data.load_split(args.dataset, args.data_root, "train"))  # to report on, never to train on
+    truth = by_image(data.load_split(args.dataset, args.data_root, "train"))  # to report on, never to train on
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     clip, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
@@ -274,7 +284,7 @@ def main():
     steps = len(is_noisy) // args.batch_size  # per epoch (the loader drops the last partial batch)
     if steps == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
-    start, best, history = common.resume(args, clip, opt) if args.resume else (0, -1.0, [])
+    start, best, history = runs.resume(args, clip, opt) if args.resume else (0, -1.0, [])
     if start > 0:
         log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}")
         if captioner:
@@ -305,7 +315,7 @@ def main():
 
         # ---- training: L = mean_i L_NITC_i + lm_weight * mean_i (1 - eps_i) L_LM_i
         eps_t, lm_w = (torch.as_tensor(x, dtype=torch.float32) for x in (eps, 1 - eps))  # (N,) each
-        loader = data.loader(data.Pairs(train._replace(captions=texts), pixels, tokenizer), args.batch_size, args.workers,
+        loader = common.loader(data.Pairs(train._replace(captions=texts), pixels, tokenizer), args.batch_size, args.workers,
                              args.seed)
         common.start_epoch(loader, args, epoch)
         model.train()
@@ -331,10 +341,10 @@ def main():
             for k, gen in zip(show, write_captions(model, Subset(train_images, train.img_of_cap[show]),
                                                    concepts[train.img_of_cap[show]], vocab, args, pixels, device)):
                 log(f"  image {train.img_of_cap[k]}: generated '{gen}' | raw '{train.captions[k]}' | true '{truth[train.img_of_cap[k]][0]}'")
-        best = common.save_epoch(args, "nlip", clip, opt, epoch, best, history,
+        best = runs.save_epoch(args, "nlip", clip, opt, epoch, best, history,
                                  extra={"decoder": captioner.state_dict() if captioner else None, "vocab": vocab})
 
-    # ---- test with the best dev checkpoint: zero-shot classification, captioning, then retrieval (common.finish)
+    # ---- test with the best dev checkpoint: zero-shot classification, captioning, then retrieval (runs.finish)
     if common.world() > 1:
         torch.distributed.barrier()  # rank 0 has written best.pt
     ck = common.load_checkpoint(f"{args.out_dir}/best.pt")
@@ -349,12 +359,12 @@ def main():
         captioner.load_state_dict(ck["decoder"])
         written = write_captions(model, pixels.images(test.paths), top_concepts(clip, img, concept_ids, vocab, args.concepts, tokenizer, device),
                                  vocab, args, pixels, device)
-        refs = data.by_image(test)
+        refs = by_image(test)
         extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}
         log(f"test captioning ({'greedy' if args.beam == 1 else f'beam {args.beam}'}): BLEU-4 {extra['captioning']['bleu4']:.3f}  "
             f"CIDEr {extra['captioning']['cider']:.3f}")
-    common.finish(args, "nlip", clip, test, pixels, tokenizer, device, log, history, extra=extra)
+    runs.finish(args, "nlip", clip, test, pixels, tokenizer, device, log, history, extra=extra)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runs.run(main)

@@ -59,9 +59,10 @@ from sklearn.metrics import roc_auc_score
 import common
 import data
 import embedded
+import runs
 
-# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL)
-parser = common.Parser(__doc__)
+# ---- flags (None: the dataset's default, see runs.EMBEDDED and runs.REAL)
+parser = runs.Parser(__doc__)
 parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
 parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
 parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
@@ -78,6 +79,7 @@ parser.add_argument("--workers", type=int, help="DataLoader worker processes")
 parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
+parser.add_argument("--overwrite", action="store_true", help="delete the run already in out-dir and start again")
 parser.add_argument("--bank-threshold", type=float, default=0.9, help="clean set: GMM clean posterior above this (official: 0.9)")
 parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
 parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
@@ -172,27 +174,28 @@ def npc_weight(l_I, l_T, l_I_after, l_T_after):
 
 def main():
     method = "npc-official" if "--official-form" in sys.argv else "npc"
-    args = common.parse(parser, method)
+    args = runs.parse(parser, method)
 
     # ---- setup
     device = common.setup(args)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
-    log = common.logger(args.out_dir)
+    log = runs.logger(args.out_dir)
     log(f"{method}: {vars(args)}")
-    if args.dataset == "embedded" and args.pretrained is None:
-        args.pretrained = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
+    weights = args.pretrained  # args stay as given: --resume compares them with the checkpoint's
+    if args.dataset == "embedded" and weights is None:
+        weights = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
 
     # ---- data and the pre-trained model
     train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
     dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
-    model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    model, preprocess, tokenizer = common.load_model(args.model, weights, device, log)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
 
     # ---- the memory bank (from the starting model, also on --resume), and the siamese copy
     bank_img, bank_txt, bank = memory_bank(model, train, is_noisy, args, pixels, tokenizer, device, log)
-    loader = data.loader(WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt), args.batch_size,
+    loader = common.loader(WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt), args.batch_size,
                          args.workers, args.seed)
     if len(loader) == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
@@ -203,7 +206,7 @@ def main():
     if args.compile:  # the fp32 memory passes stay eager: they call model and siamese directly
         net, siamese_net = torch.compile(net), torch.compile(siamese_net)
     total = args.epochs * len(loader)
-    start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
+    start, best, history = runs.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
         history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
@@ -249,12 +252,12 @@ def main():
         log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} sd {stats['w_std']:.3f} "
             f"(clean {stats['w_clean'] or float('nan'):.3f}, noisy {stats['w_noisy'] or float('nan'):.3f}, "
             f"{stats['w_below_1']:.0%} below 1)  lr {lr:.2e}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
-        best = common.save_epoch(args, method, model, opt, epoch, best, history)
+        best = runs.save_epoch(args, method, model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
-    common.finish(args, method, model, test, pixels, tokenizer, device, log, history,
+    runs.finish(args, method, model, test, pixels, tokenizer, device, log, history,
                   extra={"noise_rate": float(is_noisy.mean()), "memory_bank": bank})
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runs.run(main)

@@ -59,9 +59,10 @@ import common
 import data
 import embedded
 import npc  # SDD extends NPC: its memory-bank neighbours, memory-pair dataset and in-place look-ahead copy
+import runs
 
-# ---- flags (None: the dataset's default, see common.EMBEDDED and common.REAL)
-parser = common.Parser(__doc__)
+# ---- flags (None: the dataset's default, see runs.EMBEDDED and runs.REAL)
+parser = runs.Parser(__doc__)
 parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
 parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
 parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
@@ -78,6 +79,7 @@ parser.add_argument("--workers", type=int, help="DataLoader worker processes")
 parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
 parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
+parser.add_argument("--overwrite", action="store_true", help="delete the run already in out-dir and start again")
 parser.add_argument("--alpha", help="self-drop at cosine <= alpha: a number or auto (real: 0.20, official; embedded: auto)")
 parser.add_argument("--beta", help="memory-bank pool: starting pairs with cosine > beta, or auto (real: 0.30; embedded: auto)")
 parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
@@ -159,7 +161,7 @@ def plot(path, cos, is_noisy, alpha, title):
 
 
 def main():
-    args = common.parse(parser, "sdd")
+    args = runs.parse(parser, "sdd")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -167,17 +169,18 @@ def main():
             raise data.UserError("--plot needs matplotlib (pip install matplotlib)") from None
     device = common.setup(args)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
-    log = common.logger(args.out_dir)
+    log = runs.logger(args.out_dir)
     log(f"sdd: {vars(args)}")
-    if args.dataset == "embedded" and args.pretrained is None:
-        args.pretrained = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
+    weights = args.pretrained  # args stay as given: --resume compares them with the checkpoint's
+    if args.dataset == "embedded" and weights is None:
+        weights = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
 
     # ---- data and the pre-trained model
     train, is_noisy = data.noisy_train(args.dataset, args.data_root, args.noise, args.noise_seed)
     dev, test = (data.load_split(args.dataset, args.data_root, s) for s in ("dev", "test"))
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
-    model, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
+    model, preprocess, tokenizer = common.load_model(args.model, weights, device, log)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
 
     # ---- thresholds and the memory bank, from the starting model (also on --resume)
@@ -189,7 +192,8 @@ def main():
     if len(pool) == 0:
         raise data.UserError(f"the memory bank is empty: no starting pair has cosine > beta = {beta:.3f}")
     bank_img, bank_txt = npc.neighbours(img, txt, torch.as_tensor(train.img_of_cap, device=img.device), pool)
-    log(f"thresholds: alpha {alpha:.3f} (drop), beta {beta:.3f} (bank); memory bank pool {len(pool)} pairs, "
+    log(f"thresholds: alpha {alpha:.3f} (drop), beta {beta:.3f} (bank) (auto would give {auto_alpha:.3f}, {auto_beta:.3f}); "
+        f"memory bank pool {len(pool)} pairs, "
         f"{is_noisy[pool].mean():.1%} noisy; {np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]):.1%} of memory pairs noisy")
     pairs = npc.WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
 
@@ -201,7 +205,7 @@ def main():
     if args.compile:  # the fp32 memory passes stay eager: they call model and siamese directly
         net, siamese_net = torch.compile(net), torch.compile(siamese_net)
     full = len(is_noisy) // args.batch_size  # steps in a full-set epoch: the schedule's unit
-    start, best, history = common.resume(args, model, opt) if args.resume else (0, -1.0, [])
+    start, best, history = runs.resume(args, model, opt) if args.resume else (0, -1.0, [])
     if start == 0:
         history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
         log(f"start: dev {common.fmt(history[0]['dev'])}")
@@ -220,7 +224,7 @@ def main():
                        "w_con_auc": float(roc_auc_score(~is_noisy, w_con)) if 0 < is_noisy.mean() < 1 else None}
         if args.plot and common.rank() == 0:
             plot(f"{args.out_dir}/similarity_epoch{epoch + 1}.png", cos, is_noisy, alpha, f"before epoch {epoch + 1}")
-        loader = data.loader(torch.utils.data.Subset(pairs, np.flatnonzero(keep).tolist()), args.batch_size, args.workers, args.seed)
+        loader = common.loader(torch.utils.data.Subset(pairs, np.flatnonzero(keep).tolist()), args.batch_size, args.workers, args.seed)
         if len(loader) == 0:
             raise data.UserError(f"{int(keep.sum())} kept pairs make no full batch of {args.batch_size}")
         model.train()
@@ -258,12 +262,12 @@ def main():
             f"{parts['clean_insignificant']}  clean-significant {parts['clean_significant']}  AUC(w_con) "
             f"{epoch_stats['w_con_auc'] or float('nan'):.3f}  w_sig {w_sig.mean():.3f}  loss {loss:.4f}  "
             f"lr {lr:.2e}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
-        best = common.save_epoch(args, "sdd", model, opt, epoch, best, history)
+        best = runs.save_epoch(args, "sdd", model, opt, epoch, best, history)
 
     # ---- test with the best dev checkpoint
-    common.finish(args, "sdd", model, test, pixels, tokenizer, device, log, history,
+    runs.finish(args, "sdd", model, test, pixels, tokenizer, device, log, history,
                   extra={"noise_rate": float(is_noisy.mean()), "alpha": alpha, "beta": beta, "bank_pool": len(pool)})
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runs.run(main)

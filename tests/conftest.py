@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,16 @@ def run_script(script, *argv):
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd, capture_output=True,
                               text=True, timeout=600, check=False)
+
+
+def stop_after_first_epoch(script, out_dir, *argv):
+    """Start a run and kill it (SIGKILL) once out_dir/last.pt exists: a run stopped after its first epoch, as a crash
+    or a lost machine leaves it, for --resume to continue."""
+    p = subprocess.Popen([sys.executable, str(ROOT / script), "--out-dir", str(out_dir), *map(str, argv)], cwd=out_dir,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (Path(out_dir) / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    assert (Path(out_dir) / "last.pt").exists() and not (Path(out_dir) / "results.json").exists()

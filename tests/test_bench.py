@@ -1,8 +1,11 @@
 """bench.py --quick: every method at noise 0.4 on small data, the table checked against each run's own results."""
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 
 COLUMNS = ["noise", "method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum", "% of clean-only", "detection AUC",
            "s / epoch", "x baseline", "peak GiB"]
@@ -37,6 +40,18 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     again = run_script("bench.py", "--quick", "--data-root", embedded, "--out-dir", tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reused") == 5 and _table(tmp_path / "table.md") == rows
+
+    # the same command from a checkout whose code differs (one comment added to common.py): the cell is run again
+    code = tmp_path / "changed-code"
+    code.mkdir()
+    for f in ROOT.glob("*.py"):
+        shutil.copy(f, code / f.name)
+    with open(code / "common.py", "a") as f:
+        f.write("# a change\n")
+    changed = subprocess.run([sys.executable, str(code / "bench.py"), "--quick", "--methods", "baseline", "--data-root",
+                              str(embedded), "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    assert changed.returncode == 0, changed.stderr
+    assert "reused" not in changed.stdout and "baseline noise 0.4: done in" in changed.stdout
 
 
 def test_bench_bad_noise_is_one_line(tmp_path):

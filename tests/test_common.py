@@ -63,8 +63,12 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         common.load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="cannot read checkpoint .*not a torch.save file") as e:
         common.load_checkpoint(tmp_path / "bad.pt")
+    assert "weights_only" not in str(e.value)  # never a hint to load a file unsafely
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:300])  # a truncated checkpoint: its cause stays
+    with pytest.raises(UserError, match="cannot read checkpoint .*cut.pt .*zip archive: failed finding central directory"):
+        common.load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_a_failed_write_leaves_the_old_checkpoint(tmp_path):
@@ -126,3 +130,32 @@ def test_compiled_steps_give_the_eager_losses():
 def test_chunked_is_fn_on_every_chunk_in_order():
     got = common.chunked(lambda lo, hi: torch.arange(lo, hi)[:, None] * torch.tensor([1, -1]), 10, 4)
     assert got.tolist() == [[i, -i] for i in range(10)]
+
+
+def test_a_checkpoint_of_these_scripts_is_accepted_as_pretrained(tmp_path):
+    torch.manual_seed(1)
+    import open_clip
+    tuned = open_clip.create_model("nc-tiny")
+    ck = {"method": "baseline", "args": {"model": "nc-tiny", "pretrained": None}, "model": tuned.state_dict(), "epoch": 0}
+    common.save_checkpoint(tmp_path / "best.pt", ck)
+    model = common.load_model("nc-tiny", str(tmp_path / "best.pt"), torch.device("cpu"), log=lambda line: None)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tuned.state_dict().values()))
+    with pytest.raises(UserError, match="best.pt is a checkpoint of nc-tiny, not ViT-B-32"):
+        common.load_model("ViT-B-32", str(tmp_path / "best.pt"), torch.device("cpu"))
+    # weights of another model: one line that keeps the cause (the keys), not a bare "Error(s) in loading state_dict"
+    ck["model"] = {k: v for k, v in ck["model"].items() if k != "positional_embedding"}
+    common.save_checkpoint(tmp_path / "cut.pt", ck)
+    with pytest.raises(UserError, match="Missing key.*positional_embedding"):
+        common.load_model("nc-tiny", str(tmp_path / "cut.pt"), torch.device("cpu"))
+
+
+def test_a_checkpoint_keeps_the_architecture_of_the_weights_its_run_started_from(tmp_path):
+    """OpenAI's ViT-B-32 uses QuickGELU: its fine-tuned checkpoint must be rebuilt with it (no download needed)."""
+    common.save_checkpoint(tmp_path / "a.pt", {"method": "npc", "args": {"model": "ViT-B-32", "pretrained": "openai"}, "model": {}})
+    common.save_checkpoint(tmp_path / "b.pt", {"method": "sdd", "args": {"model": "ViT-B-32", "pretrained": str(tmp_path / "a.pt")},
+                                               "model": {}})
+    for name in ("a.pt", "b.pt"):  # b continued from a: the setting passes down the chain
+        path, kwargs = common.resolve_weights("ViT-B-32", str(tmp_path / name))
+        assert path == str(tmp_path / name) and kwargs["force_quick_gelu"] is True
+    torch.save({"state_dict": {}}, tmp_path / "plain.pt")  # open_clip's own files: no settings implied
+    assert common.resolve_weights("ViT-B-32", str(tmp_path / "plain.pt")) == (str(tmp_path / "plain.pt"), {})

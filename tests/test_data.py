@@ -1,6 +1,9 @@
 """Noise injection and the dataset loaders, on small folders the tests write themselves."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ from PIL import Image
 import data
 import embedded
 from data import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _images(folder, names):
@@ -167,8 +172,9 @@ def test_custom_on_a_scan_folder_names_the_layout(tmp_path):
         data.load_split("custom", tmp_path, "train")
 
 
-def test_embedded_is_generated_in_karpathy_layout(tmp_path):
+def test_embedded_is_generated_in_karpathy_layout(tmp_path, capsys):
     embedded.ensure_embedded(tmp_path, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
+    assert f"{tmp_path} holds no dataset_embedded.json: generating the embedded dataset there" in capsys.readouterr().out
     meta = json.loads((tmp_path / "dataset_embedded.json").read_text())
     assert [im["split"] for im in meta["images"]].count("val") == 3
     for split, n in (("pretrain", 6), ("train", 5), ("dev", 3), ("test", 4)):
@@ -199,8 +205,33 @@ def test_loader_errors(tmp_path):
     with pytest.raises(UserError, match="1 image.*missing.*2.jpg"):
         data.load_split("f30k", tmp_path, "train")
     (tmp_path / "images" / "2.jpg").write_bytes(b"not a jpeg")
-    split = data.load_split("f30k", tmp_path, "train")
-    images = data.Decoded(split.paths, lambda im: im)
-    with pytest.raises(UserError, match="cannot read image .*2.jpg"):
+    with pytest.raises(UserError, match="cannot read image .*2.jpg"):  # found when the split loads, before training
+        data.load_split("f30k", tmp_path, "train")
+    images = data.Decoded([str(tmp_path / "images" / f"{i}.jpg") for i in range(3)], lambda im: im)
+    with pytest.raises(UserError, match="cannot read image .*2.jpg"):  # and when it is decoded
         images[2]
     assert images[0][0].shape == (3, 16, 20)
+
+
+@pytest.mark.parametrize("raw,words", [
+    (3, "not text"), (None, "not text"), ("   ", "empty"), ([], "no caption"),
+])
+def test_captions_that_are_not_text_or_missing_are_one_line(tmp_path, raw, words):
+    images = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"caption {i}"}]} for i in range(3)]
+    images[1]["sentences"] = [] if raw == [] else [{"raw": "fine"}, {"raw": raw}]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    _images(tmp_path / "images", [f"{i}.jpg" for i in range(3)])
+    with pytest.raises(UserError, match="test split: image .*1.jpg has no caption, or a caption that is empty or not text"):
+        data.load_split("f30k", tmp_path, "test")
+
+
+def test_the_karpathy_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    images = [{"filename": "0.jpg", "split": "train", "sentences": [{"raw": "un café près de la rivière"}]}]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}, ensure_ascii=False), encoding="utf-8")
+    _images(tmp_path / "images", ["0.jpg"])
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")  # an ASCII locale
+    code = f"import data, locale; print(locale.getpreferredencoding(False), ascii(data.load_split('f30k', {str(tmp_path)!r}, 'train').captions))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", check=False)
+    assert p.returncode == 0, p.stderr
+    assert "ANSI" in p.stdout or "ascii" in p.stdout.lower()  # the locale really is not UTF-8
+    assert ascii(["un café près de la rivière"]) in p.stdout

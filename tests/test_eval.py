@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import fold_recall, recall
+from common import fmt_1k, fold_recall, recall
 
 
 def brute_force(sims, img_of_cap):
@@ -37,6 +37,29 @@ def test_perfect_and_hand_built_ranks():
     assert recall(torch.eye(4), [0, 1, 2, 3])["rsum"] == 600
 
 
+@pytest.mark.parametrize("value", [0.0, 0.3, float("nan")])
+def test_constant_or_nan_similarities_score_no_hit(value):
+    """A collapsed (constant) or diverged (NaN) model ranks nothing: with 20 images and 100 captions every query
+    has more than 10 others tied with its own, so every recall is 0, not 100."""
+    owner = np.repeat(np.arange(20), 5)
+    r = recall(torch.full((20, 100), value), owner)
+    assert r["rsum"] == 0
+
+
+def test_a_tie_counts_against_the_query():
+    # image 0's only caption ties with image 1's caption; caption 1's own image ties with image 0
+    sims = torch.tensor([[0.9, 0.9], [0.2, 0.9]])
+    r = recall(sims, [0, 1])
+    assert r["i2t_r1"] == 50  # image 0: caption 1 ties its own caption 0
+    assert r["t2i_r1"] == 50  # caption 1: image 0 ties its own image 1
+    assert r["i2t_r5"] == r["t2i_r5"] == 100
+    # a NaN in a row counts against that row's query only
+    sims = torch.eye(3)
+    sims[0, 0] = float("nan")
+    r = recall(sims, [0, 1, 2])
+    assert r["i2t_r1"] == r["t2i_r1"] == pytest.approx(200 / 3)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_brute_force_with_five_captions(seed):
     rng = np.random.default_rng(seed)
@@ -57,7 +80,20 @@ def test_fold_recall_computes_each_folds_t2i_r10():
     sims = rng.normal(size=(n_img, 5 * n_img)) + 1.0 * (owner[None, :] == np.arange(n_img)[:, None])
     got = fold_recall(torch.tensor(sims), owner, fold=fold)
     folds = [brute_force(sims[f * fold:(f + 1) * fold, f * 5 * fold:(f + 1) * 5 * fold], owner[:5 * fold]) for f in range(3)]
-    for k in got:
+    for k in folds[0]:
         assert got[k] == pytest.approx(np.mean([r[k] for r in folds])), k
+    assert got["left_out"] == 0
     assert got["t2i_r10"] != pytest.approx(np.mean([r["t2i_r10"] + r["i2t_r10"] for r in folds]))
     assert got["rsum"] != recall(torch.tensor(sims), owner)["rsum"]  # folds are easier than the whole set
+
+
+def test_fold_recall_says_which_images_it_leaves_out():
+    rng = np.random.default_rng(4)
+    owner = np.repeat(np.arange(50), 5)
+    sims = torch.tensor(rng.normal(size=(50, 250)))
+    got = fold_recall(sims, owner, fold=20)  # two whole folds; the last 10 images are in none
+    assert got["left_out"] == 10
+    assert got["rsum"] == pytest.approx(np.mean([recall(sims[f * 20:(f + 1) * 20, f * 100:(f + 1) * 100], owner[:100])["rsum"]
+                                                 for f in range(2)]))
+    assert fold_recall(sims, owner, fold=60) is None  # fewer images than a fold: no crash, no folds
+    assert "fewer than one fold" in fmt_1k(None, 50) and "the last 234 images left out" in fmt_1k(dict(got, left_out=234), 5234)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script
+from conftest import run_script, stop_after_first_epoch
 
 import common
 import data
@@ -91,10 +91,20 @@ def test_look_ahead_copy_takes_the_step_of_the_main_optimiser_in_place():
     assert state_ids[1] == state_ids[2] and len(state_ids[1]) == 3 * 4  # A' reuses its state: 3 tensors per weight with a gradient
 
 
-def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(embedded, tmp_path):
-    p = run_script("npc.py", "--data-root", embedded, "--noise", "0.4", "--out-dir", tmp_path, "--epochs", "2",
-                   "--batch-size", "48", "--warmup", "5", "--lr", "5e-4")
+RUN = ["--noise", "0.4", "--epochs", "2", "--batch-size", "48", "--warmup", "5", "--lr", "5e-4"]
+
+
+@pytest.fixture(scope="module")
+def paper_run(embedded, tmp_path_factory):
+    """The out-dir of a 2-epoch npc.py run in the paper's form."""
+    out = tmp_path_factory.mktemp("npc")
+    p = run_script("npc.py", "--data-root", embedded, "--out-dir", out, *RUN)
     assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(paper_run):
+    tmp_path = paper_run
     log = (tmp_path / "log.txt").read_text()
     assert "memory bank: clean set" in log and "epoch 2/2" in log and "test (best dev epoch" in log
     res = json.loads((tmp_path / "results.json").read_text())
@@ -104,12 +114,10 @@ def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(embedded, tmp_path):
     assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
 
 
-def test_official_form_runs_and_resume_rebuilds_the_bank(embedded, tmp_path):
-    argv = ["--data-root", embedded, "--noise", "0.4", "--out-dir", tmp_path, "--batch-size", "48", "--warmup", "5",
-            "--official-form"]
-    p = run_script("npc.py", *argv, "--epochs", "1")
-    assert p.returncode == 0, p.stderr
-    p = run_script("npc.py", *argv, "--epochs", "2", "--resume")
+def test_official_form_trains_otherwise_and_resume_rebuilds_the_bank(embedded, paper_run, tmp_path):
+    argv = ["--data-root", embedded, *RUN, "--official-form"]
+    stop_after_first_epoch("npc.py", tmp_path, *argv)
+    p = run_script("npc.py", *argv, "--out-dir", tmp_path, "--resume")
     assert p.returncode == 0, p.stderr
     log = (tmp_path / "log.txt").read_text()
     assert log.count("memory bank: clean set") == 2 and "memory bank rebuilt" in log
@@ -117,8 +125,13 @@ def test_official_form_runs_and_resume_rebuilds_the_bank(embedded, tmp_path):
     assert banks[0] == banks[1]  # rebuilt identically from the starting model
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "npc-official" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
+    # the same bank and batches as the paper's form, but other weights: the collapsed w and the constant memory term
+    assert banks[0] == next(line for line in (paper_run / "log.txt").read_text().splitlines() if line.startswith("memory bank"))
+    official, paper = (torch.load(out / "last.pt", weights_only=True)["model"] for out in (tmp_path, paper_run))
+    assert max((official[k] - paper[k]).abs().max().item() for k in paper) > 1e-2
     refused = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--batch-size", "48", "--resume")
-    assert refused.returncode == 2 and refused.stderr.strip() == f"error: {tmp_path}/last.pt is not a npc checkpoint of nc-tiny"
+    assert refused.returncode == 2 and refused.stderr.strip() == (f"error: {tmp_path}/last.pt is a npc-official checkpoint, "
+                                                                  "not npc: resume it with its own script")
 
 
 def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
@@ -134,6 +147,7 @@ def test_at_lr_0_every_weight_is_exactly_1_also_under_bf16_autocast(embedded, tm
     assert p.returncode == 0, p.stderr
     epoch = json.loads((tmp_path / "results.json").read_text())["history"][1]
     assert epoch["w_mean"] == 1.0 and epoch["w_std"] == 0.0 and epoch["w_below_1"] == 0.0
+    assert "no training epoch beat the starting model's dev rSum" in p.stdout  # lr 0 trains nothing
 
 
 @pytest.mark.parametrize("script", ["npc", "sdd"])

@@ -1,11 +1,14 @@
 """The scripts end to end: a short fine-tune that improves on its start, resume, eval.py, and bad input."""
+import argparse
 import importlib
 import json
+import os
 
 import pytest
 from conftest import run_script
 
-import common
+import data
+import runs
 
 FAST = ["--epochs", "2", "--batch-size", "48", "--warmup", "5", "--lr", "5e-4"]
 
@@ -40,6 +43,7 @@ def test_clean_only_trains_on_the_clean_pairs(embedded, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "baseline-clean" and 0.35 < res["noise_rate"] < 0.41
+    assert res["history"][1]["noisy_trained"] == 0  # of the pairs trained on, none noisy (without the Subset: about 0.4)
 
 
 def _fails_in_one_line(p, *words):
@@ -53,14 +57,14 @@ def _fails_in_one_line(p, *words):
 @pytest.fixture
 def fails_here(capsys, monkeypatch, tmp_path):
     """fails_here(script, *argv, words=[...]): the script's main, in this process (its code path is the command's:
-    common.run), ends with exit status 2 and one error line holding the words, and writes no results. -> stdout"""
+    runs.run), ends with exit status 2 and one error line holding the words, and writes no results. -> stdout"""
     monkeypatch.chdir(tmp_path)  # the default data/embedded and out/ are never the repository's
 
     def check(script, *argv, words=()):
         monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            common.run(importlib.import_module(script[:-3]).main)
+            runs.run(importlib.import_module(script[:-3]).main)
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()
         assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -97,8 +101,8 @@ def test_unknown_dataset_or_bad_flag_value_is_one_line(script, fails_here):
 
 @pytest.mark.parametrize("script", ["baseline.py", "npc.py"])
 def test_a_diverged_run_stops_in_one_line_before_writing_a_checkpoint(script, embedded, fails_here, tmp_path):
-    fails_here(script, "--data-root", embedded, "--out-dir", "o", "--lr", "inf", "--epochs", "1", "--batch-size", "48",
-               words=["the loss is nan at optimiser step", "lr inf", "diverged"])
+    fails_here(script, "--data-root", embedded, "--out-dir", "o", "--lr", "1e6", "--epochs", "1", "--batch-size", "48",
+               words=["the loss is", "at optimiser step", "(lr ", "diverged"])
     assert not (tmp_path / "o" / "best.pt").exists() and not (tmp_path / "o" / "last.pt").exists()
 
 
@@ -109,29 +113,121 @@ def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
     (root / "images" / "train_00003.png").write_bytes(b"\x89PNG broken")
     _fails_in_one_line(run_script("baseline.py", "--data-root", root, "--out-dir", tmp_path / "o", *FAST),
                        "cannot read image", "train_00003.png")
+    shutil.copy(embedded / "images" / "train_00003.png", root / "images" / "train_00003.png")
     (root / "images" / "dev_00001.png").unlink()
     _fails_in_one_line(run_script("baseline.py", "--data-root", root, "--out-dir", tmp_path / "o", *FAST),
                        "missing", "dev_00001.png")
 
 
 @pytest.mark.parametrize("script,argv,words", [
-    ("baseline.py", ["--clean-only"], ["last.pt is not a baseline-clean checkpoint of nc-tiny"]),
-    ("npc.py", [], ["last.pt is not a npc checkpoint of nc-tiny"]),
-    ("sdd.py", [], ["last.pt is not a sdd checkpoint of nc-tiny"]),
-    ("nlip.py", [], ["last.pt is not a nlip checkpoint of nc-tiny"]),
-    ("baseline.py", ["--model", "ViT-B-32"], ["last.pt is not a baseline checkpoint of ViT-B-32"]),
+    ("baseline.py", ["--clean-only"], ["last.pt is a baseline checkpoint, not baseline-clean"]),
+    ("npc.py", [], ["last.pt is a baseline checkpoint, not npc"]),
+    ("sdd.py", [], ["last.pt is a baseline checkpoint, not sdd"]),
+    ("nlip.py", [], ["last.pt is a baseline checkpoint, not nlip"]),
+    ("baseline.py", ["--model", "ViT-B-32"], ["--resume: --model is ViT-B-32 but the run in", "has nc-tiny"]),
+    ("baseline.py", ["--noise", "0.4"], ["--resume: --noise is 0.4 but the run in", "has 0.0"]),
+    ("baseline.py", ["--lr", "0.01"], ["--lr is 0.01", "has 0.0005"]),
+    ("baseline.py", ["--batch-size", "8"], ["--batch-size is 8", "has 48"]),
+    ("baseline.py", ["--epochs", "3"], ["--epochs is 3", "has 2"]),
+    ("baseline.py", ["--seed", "1"], ["--seed is 1", "has 99"]),
+    ("baseline.py", ["--noise-seed", "1"], ["--noise-seed is 1", "has 0"]),
+    ("baseline.py", ["--wd", "0.1"], ["--wd is 0.1", "has 0.2"]),
+    ("baseline.py", ["--precision", "bf16"], ["--precision is bf16", "has fp32"]),
 ])
-def test_resume_from_another_model_or_method_is_refused_before_any_work(script, argv, words, finished, embedded, fails_here):
+def test_a_resume_must_match_the_run_it_continues(script, argv, words, finished, embedded, fails_here):
     out, _ = finished
-    assert fails_here(script, "--data-root", embedded, "--resume", "--out-dir", out, *argv, words=words) == ""  # nothing ran
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    fails_here(script, "--data-root", embedded, "--resume", "--out-dir", out, "--noise", "0", *FAST, *argv, words=words)
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before  # nothing written
+
+
+def test_a_finished_run_is_neither_resumed_nor_overwritten(finished, embedded, monkeypatch, capsys, fails_here, tmp_path):
+    out, _ = finished
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    # another data root is another run
+    fails_here("baseline.py", "--data-root", tmp_path, "--resume", "--out-dir", out, "--noise", "0", *FAST,
+               words=["--data-root is", str(tmp_path), "but the run"])
+    # the same flags: finished, exit 0, nothing rewritten (how a run goes, here its workers, may change)
+    monkeypatch.setattr("sys.argv", ["baseline.py", "--data-root", str(embedded), "--resume", "--out-dir", str(out),
+                                     "--noise", "0", *FAST, "--workers", "1"])
+    with pytest.raises(SystemExit) as e:
+        runs.run(importlib.import_module("baseline").main)
+    assert e.value.code == 0 and "holds a finished run" in capsys.readouterr().out
+    # a fresh run into it, and both --resume and --overwrite, are refused
+    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, words=["already holds a run", "--overwrite"])
+    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, "--resume", "--overwrite", words=["give one"])
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+
+
+def test_overwrite_deletes_the_old_run_and_only_its_files(tmp_path, monkeypatch):
+    for name in ("last.pt", "best.pt", "results.json", "log.txt", "similarity_epoch1.png", "last.pt.123.tmp", "notes.md"):
+        (tmp_path / name).write_text("old")
+    args = argparse.Namespace(out_dir=str(tmp_path), overwrite=False)
+    with pytest.raises(data.UserError, match="already holds a run"):
+        runs.start_fresh(args)
+    assert len(list(tmp_path.iterdir())) == 7
+    runs.start_fresh(argparse.Namespace(out_dir=str(tmp_path), overwrite=True))
+    assert [f.name for f in tmp_path.iterdir()] == ["notes.md"]
+    (tmp_path / "log.txt").write_text("a run that stopped before its first checkpoint")
+    runs.start_fresh(args)  # its log holds no result: a fresh run starts a fresh log
+    assert [f.name for f in tmp_path.iterdir()] == ["notes.md"]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--batch-size", "1"], ["--batch-size must be 2 or more", "got 1"]),
+    (["--batch-size", "0"], ["--batch-size must be 2 or more"]),
+    (["--epochs", "0"], ["--epochs must be 1 or more"]),
+    (["--lr=-1e-4"], ["--lr must be a finite number >= 0"]),
+    (["--lr", "inf"], ["--lr must be a finite number >= 0", "got inf"]),
+    (["--lr", "nan"], ["--lr must be a finite number >= 0"]),
+    (["--warmup", "-1"], ["--warmup must be"]),
+    (["--wd=-0.2"], ["--wd must be"]),
+    (["--workers", "-2"], ["--workers must be"]),
+    (["--seed", "-1"], ["--seed must be"]),
+    (["--noise-seed", "-3"], ["--noise-seed must be"]),
+    (["--device", "gpu0"], ["--device gpu0 is not a device name"]),
+    (["--device", "cuda:7"], ["--device cuda:7: this machine has"]),
+    (["--device", "mps"], ["--device mps: only cpu and cuda"]),
+])
+def test_shared_flags_out_of_range_are_one_line_before_any_work(argv, words, fails_here, tmp_path):
+    assert fails_here("baseline.py", *argv, words=words) == ""
+    assert list(tmp_path.iterdir()) == []  # no data generated, no out-dir made
+
+
+@pytest.mark.parametrize("script", ["npc.py", "sdd.py", "nlip.py"])
+def test_every_script_checks_the_shared_flags(script, fails_here, tmp_path):
+    assert fails_here(script, "--batch-size", "1", words=["--batch-size must be 2 or more"]) == ""
+    assert fails_here(script, "--epochs", "0", words=["--epochs must be 1 or more"]) == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_dir_that_is_a_file_or_under_one_is_one_line(fails_here, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    fails_here("baseline.py", "--out-dir", tmp_path / "file", words=["is a file, not a folder"])
+    fails_here("baseline.py", "--out-dir", tmp_path / "file" / "run", words=["is a file, not a folder"])
+    if os.geteuid() != 0:  # root writes anywhere: the check can only be shown as another user
+        (tmp_path / "locked").mkdir(mode=0o500)
+        fails_here("baseline.py", "--out-dir", tmp_path / "locked" / "run", words=["is not writable"])
 
 
 def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(finished, embedded, fails_here, tmp_path):
     out, _ = finished
     fails_here("baseline.py", "--data-root", embedded, "--resume", "--out-dir", "o", words=["last.pt not found"])
-    fails_here("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32", words=["does not fit ViT-B-32"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32", words=["best.pt is a checkpoint of nc-tiny, not ViT-B-32"])
     (tmp_path / "notes.pt").write_text("not weights")
     for script, rest in (("baseline.py", ["--out-dir", "o"]), ("eval.py", [])):
         fails_here(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *rest,
                    words=["cannot create nc-tiny from", "notes.pt"])
     fails_here("eval.py", "--checkpoint", tmp_path / "notes.pt", words=["cannot read checkpoint", "notes.pt"])
+
+
+def test_the_defaults_taken_are_printed_and_the_workers_capped_at_the_cores(monkeypatch, capsys, tmp_path):
+    import baseline
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["baseline.py", "--dataset", "custom", "--data-root", "d", "--model", "nc-tiny"])
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
+    args = runs.parse(baseline.parser, "baseline")
+    assert args.workers == 2 and args.epochs == runs.REAL["epochs"] and args.model == "nc-tiny"
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("defaults of the real-data setting, which --dataset custom picks (not --model):")
+    assert "'workers': 2" in line and "'model'" not in line  # what was given is no default

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, stop_after_first_epoch
 from sklearn.mixture import GaussianMixture
 
 import npc
@@ -56,11 +56,11 @@ def test_auto_thresholds_are_mu_minus_3_sd_and_mu_of_matched_pairs():
 
 
 def test_sdd_runs_end_to_end_drops_mostly_noisy_pairs_and_resumes(embedded, tmp_path):
-    argv = ["--data-root", embedded, "--noise", "0.4", "--out-dir", tmp_path, "--batch-size", "48", "--warmup", "5"]
-    p = run_script("sdd.py", *argv, "--epochs", "1")
+    argv = ["--data-root", embedded, "--noise", "0.4", "--batch-size", "48", "--warmup", "5", "--epochs", "2"]
+    stop_after_first_epoch("sdd.py", tmp_path, *argv)
+    p = run_script("sdd.py", *argv, "--out-dir", tmp_path, "--resume")
     assert p.returncode == 0, p.stderr
-    p = run_script("sdd.py", *argv, "--epochs", "2", "--resume")
-    assert p.returncode == 0, p.stderr
+    assert "(auto would give" in p.stdout  # the thresholds used beside those auto would give
     log = (tmp_path / "log.txt").read_text()
     thresholds = [line for line in log.splitlines() if line.startswith("thresholds:")]
     assert len(thresholds) == 2 and thresholds[0] == thresholds[1] and "memory bank rebuilt" in log
@@ -76,16 +76,29 @@ def test_sdd_runs_end_to_end_drops_mostly_noisy_pairs_and_resumes(embedded, tmp_
     assert 0 < res["alpha"] < res["beta"] < 1
 
 
-def test_bad_threshold_and_plot_without_matplotlib_are_one_line_errors(embedded, tmp_path):
+def test_bad_thresholds_are_one_line_errors(embedded, tmp_path):
     p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--alpha", "low")
     assert p.returncode == 2 and p.stderr.strip() == "error: --alpha must be a number or auto, got low"
     p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--beta", "1.5")
     assert p.returncode == 2 and "the memory bank is empty" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path / "plot", "--plot", "--epochs", "1", "--batch-size", "48")
-    if importlib.util.find_spec("matplotlib") is None:  # not a dependency: CI runs this branch
-        assert p.returncode == 2 and p.stderr.strip() == "error: --plot needs matplotlib (pip install matplotlib)"
-    else:
-        assert p.returncode == 0 and (tmp_path / "plot" / "similarity_epoch1.png").stat().st_size > 1000, p.stderr
+
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed here: --plot works (the next test draws a plot)")
+def test_plot_without_matplotlib_is_a_one_line_error(embedded, tmp_path):
+    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--plot", "--epochs", "1", "--batch-size", "48")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --plot needs matplotlib (pip install matplotlib)"
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not a dependency of the project and is not installed here")
+def test_plot_draws_the_histograms(tmp_path):
+    rng = np.random.default_rng(0)
+    is_noisy = rng.random(2000) < 0.4
+    cos = np.where(is_noisy, rng.normal(0.1, 0.05, 2000), rng.normal(0.3, 0.05, 2000))
+    sdd.plot(tmp_path / "p.png", cos, is_noisy, 0.15, "test")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").stat().st_size > 5000
 
 
 def test_at_lr_0_every_significance_weight_is_exactly_1_also_under_bf16_autocast(embedded, tmp_path):
