@@ -213,12 +213,17 @@ def pair_losses(img, txt, scale, batch_size, seed=0):
     return torch.cat([info_nce(img[b], txt[b], scale, local=True).cpu() for b in perm.split(batch_size)])[perm.argsort()]
 
 
+def gmm_fit(x, max_iter=100):
+    """GMM(2) on a per-sample statistic x (N,), min-max normalised to [0, 1] -> (the fitted mixture, x normalised (N, 1))."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1, 1)
+    x = (x - x.min()) / max(x.max() - x.min(), 1e-12)
+    return GaussianMixture(2, max_iter=max_iter, tol=1e-2, reg_covar=5e-4, random_state=0).fit(x), x
+
+
 def gmm_clean_prob(x, higher_is_clean=False, max_iter=100):
     """GMM(2) on a per-sample statistic x (N,), min-max normalised -> posterior of the clean component (N,):
     the lower-mean component for a loss, the higher-mean one for a similarity."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1, 1)
-    x = (x - x.min()) / max(x.max() - x.min(), 1e-12)
-    gmm = GaussianMixture(2, max_iter=max_iter, tol=1e-2, reg_covar=5e-4, random_state=0).fit(x)
+    gmm, x = gmm_fit(x, max_iter)
     return gmm.predict_proba(x)[:, gmm.means_.argmax() if higher_is_clean else gmm.means_.argmin()]
 
 

@@ -2,8 +2,9 @@
 rules of the output folder, the per-epoch checkpoints, and the final test with results.json. Definitions only.
 
 The output folder's rules: a fresh run refuses a folder that already holds a run (a checkpoint or results.json),
-unless --overwrite, which deletes that run's files first. --resume continues the run in the folder only when every flag that changes what it computes
-is the one it was started with; a resume of a finished run says so and exits 0, rewriting nothing.
+unless --overwrite, which deletes that run's files first. --resume continues the run in the folder only when every
+flag that changes what it computes is the one it was started with; a resume of a finished run says so and exits 0,
+rewriting nothing.
 """
 import argparse
 import json
@@ -53,7 +54,8 @@ def parse(p, script):
         raise UserError(f"--data-root is required for --dataset {args.dataset}")
     check_flags(args)
     args.device = common.check_device(args.device)
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")  # of the training forwards
+    # the autocast of the training forwards: bf16 on CUDA, none on the CPU, unless --precision says
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out_dir = args.out_dir or f"out/{script}-{args.dataset}-n{args.noise:g}"
     check_out_dir(Path(args.out_dir))
     if args.resume:
@@ -71,7 +73,8 @@ def check_flags(args):
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {args.noise}")
     if args.batch_size < 2:
-        raise UserError(f"--batch-size must be 2 or more (InfoNCE needs negatives; a batch of 1 trains nothing), got {args.batch_size}")
+        raise UserError(f"--batch-size must be 2 or more (a batch of 1 has no negatives and trains nothing), "
+                        f"got {args.batch_size}")
     if args.epochs < 1:
         raise UserError(f"--epochs must be 1 or more, got {args.epochs}")
     for flag in ("lr", "warmup", "wd", "workers", "seed", "noise_seed"):
@@ -96,13 +99,16 @@ def check_resume(args, script):
     ck = common.load_checkpoint(Path(args.out_dir) / "last.pt", mmap=True)
     saved = ck.get("args", {})
     if ck.get("method") != script:
-        raise UserError(f"{args.out_dir}/last.pt is a {ck.get('method')} checkpoint, not {script}: resume it with its own script")
+        raise UserError(f"{args.out_dir}/last.pt is a {ck.get('method')} checkpoint, not {script}: "
+                        "resume it with its own script")
     for k, v in vars(args).items():
         if k not in HOW and saved.get(k) != v:
-            raise UserError(f"--resume: --{k.replace('_', '-')} is {v} but the run in {args.out_dir} has {saved.get(k)}: "
-                            f"resume with its value, or start a new run in another --out-dir")
+            flag = "--" + k.replace("_", "-")
+            raise UserError(f"--resume: {flag} is {v} but the run in {args.out_dir} has {saved.get(k)}: "
+                            "resume with its value, or start a new run in another --out-dir")
     if ck["epoch"] + 1 >= args.epochs and (Path(args.out_dir) / "results.json").is_file():
-        print(f"{args.out_dir} holds a finished run ({args.epochs} epochs, results.json): nothing to resume")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{args.out_dir} holds a finished run ({args.epochs} epochs, results.json): nothing to resume")
         sys.exit(0)
 
 
@@ -112,8 +118,8 @@ def start_fresh(args):
     out = Path(args.out_dir)
     found = [f for f in RUN_FILES if (out / f).exists()]
     if found and not args.overwrite:
-        raise UserError(f"{out} already holds a run ({', '.join(found)}): --resume to continue it, --overwrite to delete "
-                        "it and start again, or another --out-dir")
+        raise UserError(f"{out} already holds a run ({', '.join(found)}): --resume to continue it, "
+                        "--overwrite to delete it and start again, or another --out-dir")
     for f in [f for pattern in WRITTEN for f in out.glob(pattern)]:
         f.unlink(missing_ok=True)  # every process may delete; all finish before the process group forms
 

@@ -53,12 +53,10 @@ import time
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from sklearn.mixture import GaussianMixture
 
 import common
 import data
 import embedded
-import npc  # SDD extends NPC: its memory-bank neighbours, memory-pair dataset and in-place look-ahead copy
 import runs
 
 # ---- flags (None: the dataset's default, see runs.EMBEDDED and runs.REAL)
@@ -122,6 +120,47 @@ def self_drop(S, alpha):
     return keep, w_con
 
 
+# ---- the memory bank and the look-ahead copy: NPC's, written out again so that this file reads alone
+def nearest(queries, keys, chunk=2048):
+    """Index of the key with the highest dot product, for each query: (Q, D), (K, D) -> (Q,) numpy, in chunks of
+    queries shared among the processes under DDP."""
+    return common.chunked(lambda lo, hi: (queries[lo:hi] @ keys.T).argmax(1), len(queries), chunk).numpy()
+
+
+def neighbours(img, txt, owner, pool):
+    """For every pair k: bank_img[k], the pool pair whose image is nearest to k's image, and bank_txt[k], the pool
+    pair whose caption is nearest to k's caption (cosine; a pool pair is its own text-side neighbour).
+    img (n_img, D), txt (N, D) normalised, owner (N,) image of each pair, pool (P,) pair indices -> two (N,) arrays."""
+    p = torch.as_tensor(pool, device=img.device)
+    nearest_image = nearest(img, img[owner[p]])  # (n_img,) index into pool of the nearest pool image
+    return pool[nearest_image[owner.cpu().numpy()]], pool[nearest(txt, txt[p])]
+
+
+class WithMemory(torch.utils.data.Dataset):
+    """Pair k -> (image, tokens, k, image and tokens of bank_img[k], image and tokens of bank_txt[k])."""
+
+    def __init__(self, pairs, bank_img, bank_txt):
+        self.pairs, self.bank_img, self.bank_txt = pairs, bank_img, bank_txt
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, k):
+        return (*self.pairs[k], *self.pairs[self.bank_img[k]][:2], *self.pairs[self.bank_txt[k]][:2])
+
+
+@torch.no_grad()
+def copy_into(siamese, siamese_opt, model, opt):
+    """A' <- A: weights, AdamW state and learning rate copied in place (state tensors are allocated at the first copy)."""
+    for group_s, group in zip(siamese_opt.param_groups, opt.param_groups):
+        group_s["lr"] = group["lr"]
+    for q, p in zip(siamese.parameters(), model.parameters()):
+        q.copy_(p)
+        for name, value in opt.state.get(p, {}).items():
+            state = siamese_opt.state[q]
+            state[name] = state[name].copy_(value) if name in state else value.clone()
+
+
 def memory_losses(model, images, tokens):
     """l_I, l_T (B,): InfoNCE among the B image-side and among the B text-side memory pairs, images and tokens (2B, ...)
     in that order; in fp32 and without gradient, whatever the autocast around it."""
@@ -144,15 +183,18 @@ def dual_weight(w_con, l_I, l_T, l_I_after, l_T_after):
 
 
 def plot(path, cos, is_noisy, alpha, title):
-    """Histograms of the pairs' cosines, clean and noisy apart, with the GMM(2) fit and alpha (the paper's Figure 5)."""
+    """Histograms of the pairs' cosines, clean and noisy apart, with the GMM(2) that self_drop fitted on them and alpha
+    (the paper's Figure 5)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    gmm = GaussianMixture(2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(cos.reshape(-1, 1))
+    gmm = common.gmm_fit(cos, max_iter=10)[0]  # the GMM self_drop fits, on the cosines scaled to [0, 1]
+    low, span = cos.min(), max(cos.max() - cos.min(), 1e-12)
     x = np.linspace(cos.min(), cos.max(), 400)
+    density = np.exp(gmm.score_samples(((x - low) / span).reshape(-1, 1))) / span  # (400,) on the cosine axis
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist([cos[~is_noisy], cos[is_noisy]], bins=80, density=True, histtype="stepfilled", alpha=0.5, label=["clean", "noisy"])
-    ax.plot(x, np.exp(gmm.score_samples(x.reshape(-1, 1))), "k", lw=1, label="GMM fit")
+    ax.plot(x, density, "k", lw=1, label="the method's GMM")
     ax.axvline(alpha, color="r", ls="--", lw=1, label="alpha (self-drop)")
     ax.set(xlabel="cosine of the pair", ylabel="density", title=title)
     ax.legend()
@@ -191,11 +233,11 @@ def main():
     pool = np.flatnonzero(cos > beta)
     if len(pool) == 0:
         raise data.UserError(f"the memory bank is empty: no starting pair has cosine > beta = {beta:.3f}")
-    bank_img, bank_txt = npc.neighbours(img, txt, torch.as_tensor(train.img_of_cap, device=img.device), pool)
+    bank_img, bank_txt = neighbours(img, txt, torch.as_tensor(train.img_of_cap, device=img.device), pool)
     log(f"thresholds: alpha {alpha:.3f} (drop), beta {beta:.3f} (bank) (auto would give {auto_alpha:.3f}, {auto_beta:.3f}); "
         f"memory bank pool {len(pool)} pairs, "
         f"{is_noisy[pool].mean():.1%} noisy; {np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]):.1%} of memory pairs noisy")
-    pairs = npc.WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
+    pairs = WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
 
     # ---- optimisers, DDP, resume
     siamese = copy.deepcopy(model).train()
@@ -237,7 +279,7 @@ def main():
             memory = pixels.normalize(torch.cat([images_I, images_T]).to(device)), torch.cat([tokens_I, tokens_T]).to(device)
             wc = w_con_t[k].to(device)  # (B,)
             l_I, l_T = memory_losses(model, *memory)  # (B,) each, before the look-ahead, under A (= A'), fp32
-            npc.copy_into(siamese, siamese_opt, model, opt)
+            copy_into(siamese, siamese_opt, model, opt)
             with amp:  # look-ahead on mean(w_con * l)
                 lookahead_loss = (wc * common.info_nce(*siamese_net(images, tokens))).mean()
             common.train_step(siamese_net, siamese_opt, lookahead_loss)

@@ -1,4 +1,4 @@
-"""Run by test_scale.py, alone or under torchrun: the passes whose work the processes share (NPC's neighbour search,
+"""Run by test_scale.py, alone or under torchrun: the passes whose work the processes share (NPC's and SDD's neighbour search,
 NLIP's caption writing), on fixed inputs. Each process saves what it got to OUT/rank<r>.pt.
 
     python tests/sharded_passes.py EMBEDDED_ROOT OUT
@@ -16,6 +16,7 @@ import common
 import data
 import nlip
 import npc
+import sdd
 
 
 def main(root, out):
@@ -25,6 +26,7 @@ def main(root, out):
     clean = np.flatnonzero(torch.rand(250, generator=g).numpy() > 0.5)
     got = dict(zip(("bank_img", "bank_txt"), npc.neighbours(img, txt, torch.arange(250) // 5, clean)))
     got["nearest"] = npc.nearest(txt, txt[clean], chunk=16)  # 16 chunks, some processes take one more
+    got["sdd_bank_img"], got["sdd_bank_txt"] = sdd.neighbours(img, txt, torch.arange(250) // 5, clean)  # sdd.py's copy
 
     torch.manual_seed(0)
     clip, preprocess, _ = common.load_model("nc-tiny", "none", device, log=lambda line: None)

@@ -105,6 +105,6 @@ def test_the_shared_passes_equal_one_process(embedded, tmp_path):
     assert len(want["beam1"]) == len(want["beam2"]) == 10 and any(want["beam1"])
     for rank in (0, 1):
         got = torch.load(two / f"rank{rank}.pt", weights_only=False)
-        for k in ("bank_img", "bank_txt", "nearest"):
+        for k in ("bank_img", "bank_txt", "nearest", "sdd_bank_img", "sdd_bank_txt"):
             assert np.array_equal(got[k], want[k]), k
         assert got["beam1"] == want["beam1"] and got["beam2"] == want["beam2"]

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_script, stop_after_first_epoch
 from sklearn.mixture import GaussianMixture
 
@@ -107,3 +108,29 @@ def test_at_lr_0_every_significance_weight_is_exactly_1_also_under_bf16_autocast
     assert p.returncode == 0, p.stderr
     epoch = json.loads((tmp_path / "results.json").read_text())["history"][1]
     assert epoch["w_sig_mean"] == 1.0 and epoch["partitions"]["clean_insignificant"] == 0
+
+
+def test_the_bank_and_the_look_ahead_copy_written_out_again_are_npcs():
+    """sdd.py repeats NPC's neighbour search, memory-pair dataset and in-place copy so that it reads alone; the
+    copies must stay NPC's (the NPC tests check NPC's against brute force and against the main optimiser)."""
+    g = torch.Generator().manual_seed(1)
+    img, txt = F.normalize(torch.randn(30, 8, generator=g), dim=1), F.normalize(torch.randn(150, 8, generator=g), dim=1)
+    pool, owner = np.flatnonzero(torch.rand(150, generator=g).numpy() > 0.6), torch.arange(150) // 5
+    for got, want in zip(sdd.neighbours(img, txt, owner, pool), npc.neighbours(img, txt, owner, pool), strict=True):
+        assert np.array_equal(got, want)
+    pairs = [(torch.full((2,), float(k)), torch.tensor([k]), k) for k in range(6)]
+    bank_img, bank_txt = np.array([1, 0, 3, 2, 5, 4]), np.array([2, 2, 2, 5, 5, 5])
+    assert all(str(sdd.WithMemory(pairs, bank_img, bank_txt)[k]) == str(npc.WithMemory(pairs, bank_img, bank_txt)[k])
+               for k in range(6))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).square().sum().backward()
+    opt.step()
+    copies = []
+    for module in (npc, sdd):
+        siamese = torch.nn.Linear(4, 3)
+        siamese_opt = torch.optim.AdamW(siamese.parameters(), lr=0.5)
+        module.copy_into(siamese, siamese_opt, model, opt)
+        copies.append((siamese.state_dict(), siamese_opt.state_dict()))
+    assert str(copies[0]) == str(copies[1]) and torch.equal(copies[1][0]["weight"], model.weight)
