@@ -1,32 +1,38 @@
 """Benchmark: every method at every noise ratio, one seed and one budget, printed as the papers' tables are.
 
-    python bench.py                         # embedded data, tiny CLIP, CPU (2 cores: see the README for the time)
-    python bench.py --quick                 # CI size: small generated data, 1 epoch, noise 0.4 (2-3 min on 2 cores)
+    python bench.py                   # embedded data, tiny CLIP, CPU (2 cores: see the README for the time)
+    python bench.py --quick           # CI size: small generated data, 1 epoch, noise 0.4 (2-3 min on 2 cores)
     python bench.py --methods baseline sdd --noise 0.4 0.8
-    python bench.py --dataset f30k --data-root /data/f30k --nproc 8   # the paper's table, ViT-B-32 'openai', 8 GPUs
-    python bench.py --input --dataset f30k --data-root out/f30k-like --fake-f30k 2000 --workers 2   # input pipeline
-    python bench.py --agreement             # NPC's look-ahead ratio under bf16 against fp32 training forwards
+    # the paper's table, ViT-B-32 'openai', 8 GPUs
+    python bench.py --dataset f30k --data-root /data/f30k --nproc 8
+    # input pipeline
+    python bench.py --input --dataset f30k --data-root out/f30k-like --fake-f30k 2000 --workers 2
+    python bench.py --agreement       # NPC's look-ahead ratio under bf16 against fp32 training forwards
 
-Each run is the method's own script in a subprocess, with the dataset's defaults and the same seed, noise seed,
-epochs and batch size for all (the budget); each method keeps its own learning rate and settings. Runs go to
-<out-dir>/<method>-n<noise>/ with their log, checkpoints and results.json. A run whose results.json and bench.json
-show the same command and the same source code is reused, so a stopped bench goes on where it stopped (--fresh:
-run everything again). The table goes to <out-dir>/table.md and everything to <out-dir>/bench.json.
+Each run is the method's own script in a subprocess, with the dataset's defaults and the same seed, noise
+seed, epochs and batch size for all (the budget); each method keeps its own learning rate and settings. Runs
+go to <out-dir>/<method>-n<noise>/ with their log, checkpoints and results.json. A run whose results.json and
+bench.json show the same command and the same source code is reused, so a stopped bench goes on where it
+stopped (--fresh: run everything again). The table goes to <out-dir>/table.md and everything to
+<out-dir>/bench.json.
 
-Columns: the six recalls and rSum on the test split (best dev epoch); rSum as a share of the clean-only upper
-bound at the same noise (baseline.py --clean-only; at noise 0 the baseline is that bound); noise-detection ROC-AUC
-of the clean/noisy split against the true mask (npc: its memory bank's GMM on the starting model; sdd: w_con of the
-last epoch; nlip: 1 - eps of the last epoch); wall time per epoch (the whole run, set-up, memory banks, scans,
-evaluation included, divided by its epochs) and its ratio to the baseline's at the same noise; peak memory (CPU: the
-process's peak resident memory; CUDA: peak allocated tensors of rank 0).
-NLIP is a pre-training method (its own defaults train from scratch); here it fine-tunes the same pre-trained CLIP as
-the others with the shared defaults, so that the rows compare.
+Columns: the six recalls and rSum on the test split (best dev epoch); rSum as a share of the clean-only
+upper bound at the same noise (baseline.py --clean-only; at noise 0 the baseline is that bound);
+noise-detection ROC-AUC of the clean/noisy split against the true mask (npc: its memory bank's GMM on the
+starting model; sdd: w_con of the last epoch; nlip: 1 - eps of the last epoch); wall time per epoch (the
+whole run, set-up, memory banks, scans, evaluation included, divided by its epochs) and its ratio to the
+baseline's at the same noise; peak memory (CPU: the process's peak resident memory; CUDA: peak allocated
+tensors of rank 0).
+NLIP is a pre-training method (its own defaults train from scratch); here it fine-tunes the same
+pre-trained CLIP as the others with the shared defaults, so that the rows compare.
 
---input: images/s of a training loader's images (shuffled, batch 256, --workers processes) at the model's input
-size, decoded per sample with PIL and read from the decode-once cache, and the time to build the cache.
---agreement: NPC's first look-ahead step (fresh AdamW, nc-tiny, 8 batches of 128 pairs with their memory pairs, noise
-0.4) with the training forward in fp32 and in bf16 autocast (CPU), at lr 1e-5 and 5e-4: the share of pairs on
-which both agree about w < 1, with the memory losses in fp32 (npc.py, sdd.py) and in bf16 (their earlier form).
+--input: images/s of a training loader's images (shuffled, batch 256, --workers processes) at the
+model's input size, decoded per sample with PIL and read from the decode-once cache, and the time to build
+the cache.
+--agreement: NPC's first look-ahead step (fresh AdamW, nc-tiny, 8 batches of 128 pairs with their memory
+pairs, noise 0.4) with the training forward in fp32 and in bf16 autocast (CPU), at lr 1e-5 and 5e-4: the
+share of pairs on which both agree about w < 1, with the memory losses in fp32 (npc.py, sdd.py) and in bf16
+(their earlier form).
 """
 import copy
 import hashlib
@@ -42,6 +48,7 @@ import numpy as np
 import open_clip
 import torch
 
+import baseline
 import common
 import data
 import embedded
@@ -49,28 +56,38 @@ import npc
 import runs
 
 ROOT = Path(__file__).resolve().parent
-METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"], "sdd": ["sdd.py"],
-           "nlip": ["nlip.py"]}  # the table's rows, in order; clean (the upper bound) first
-QUICK = {"sizes": {"pretrain": 600, "train": 240, "dev": 100, "test": 100}, "epochs": 1, "batch_size": 32, "warmup": 3}
+# the table's rows, in order; clean (the upper bound) first
+METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"],
+           "sdd": ["sdd.py"], "nlip": ["nlip.py"]}
+QUICK = {"sizes": {"pretrain": 600, "train": 240, "dev": 100, "test": 100}, "epochs": 1, "batch_size": 32,
+         "warmup": 3}
 
-p = runs.Parser(__doc__)
-p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="which rows (default: all)")
-p.add_argument("--noise", nargs="+", type=float, help="noise ratios in [0, 1) (default: 0 0.2 0.4 0.6 0.8; --quick: 0.4)")
+p = runs.OneLineParser(__doc__)
+p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+               help="which rows (default: all)")
+p.add_argument("--noise", nargs="+", type=float,
+               help="noise ratios in [0, 1) (default: 0 0.2 0.4 0.6 0.8; --quick: 0.4)")
 p.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
-p.add_argument("--data-root", help="dataset folder (embedded: data/embedded, or a small one of its own with --quick)")
+p.add_argument("--data-root",
+               help="dataset folder (embedded: data/embedded, or a small one of its own with --quick)")
 p.add_argument("--epochs", type=int, help="epochs of every run (default: the dataset's)")
 p.add_argument("--batch-size", type=int, help="batch of every run (default: the dataset's)")
 p.add_argument("--seed", type=int, default=99, help="training seed of every run")
 p.add_argument("--noise-seed", type=int, default=0, help="noise permutation seed of every run")
 p.add_argument("--device", help="passed to every run (default: cuda if available)")
-p.add_argument("--nproc", type=int, default=1, help="processes per run; above 1 each run goes through torchrun")
+p.add_argument("--nproc", type=int, default=1,
+               help="processes per run; above 1 each run goes through torchrun")
 p.add_argument("--out-dir", help="default: out/bench-<dataset> (out/bench-quick with --quick)")
-p.add_argument("--quick", action="store_true", help="CI size: small data, 1 epoch, noise 0.4 unless --noise is given")
+p.add_argument("--quick", action="store_true",
+               help="CI size: small data, 1 epoch, noise 0.4 unless --noise is given")
 p.add_argument("--fresh", action="store_true", help="rerun every run, even those already finished")
-p.add_argument("--input", action="store_true", help="measure the input pipeline only (images/s, PIL against the cache)")
-p.add_argument("--fake-f30k", type=int, help="with --input: first write this many generated 500x375 JPEGs as f30k")
+p.add_argument("--input", action="store_true",
+               help="measure the input pipeline only (images/s, PIL against the cache)")
+p.add_argument("--fake-f30k", type=int,
+               help="with --input: first write this many generated 500x375 JPEGs as f30k")
 p.add_argument("--workers", type=int, default=2, help="with --input: DataLoader worker processes")
-p.add_argument("--agreement", action="store_true", help="measure the look-ahead ratio's bf16/fp32 agreement only")
+p.add_argument("--agreement", action="store_true",
+               help="measure the look-ahead ratio's bf16/fp32 agreement only")
 
 
 def source_hash():
@@ -82,20 +99,24 @@ def source_hash():
 def command(method, noise, args, budget):
     """The argv of one run (without --out-dir)."""
     script, *flags = METHODS[method]
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-                                 if args.nproc > 1 else [])
-    argv = launch + [str(ROOT / script), *flags, "--dataset", args.dataset, "--noise", f"{noise:g}", "--seed", str(args.seed),
-                     "--noise-seed", str(args.noise_seed), "--epochs", str(budget["epochs"]),
-                     "--batch-size", str(budget["batch_size"]), "--warmup", str(budget["warmup"])]
+    launch = [sys.executable]
+    if args.nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    argv = launch + [str(ROOT / script), *flags, "--dataset", args.dataset, "--noise", f"{noise:g}",
+                     "--seed", str(args.seed), "--noise-seed", str(args.noise_seed),
+                     "--epochs", str(budget["epochs"]), "--batch-size", str(budget["batch_size"]),
+                     "--warmup", str(budget["warmup"])]
     argv += ["--data-root", str(args.data_root)] if args.data_root else []
     argv += ["--device", args.device] if args.device else []
-    if method == "nlip":  # fine-tune the shared pre-trained CLIP at the shared lr (its own defaults: from scratch)
+    if method == "nlip":
+        # fine-tune the shared pre-trained CLIP at the shared lr (its own defaults: from scratch)
         argv += ["--pretrained", budget["pretrained"], "--lr", str(budget["lr"]), "--wd", "0.2"]
     return argv
 
 
 def portable(argv):
-    """argv with the interpreter and the scripts by name only: a run done in another checkout of the same code counts."""
+    """argv with the interpreter and the scripts by name only: a run done in another checkout of the same
+    code counts."""
     return [Path(argv[0]).name] + [Path(a).name if a.endswith(".py") else a for a in argv[1:]]
 
 
@@ -135,9 +156,10 @@ def detection_auc(method, res):
 
 def table(cells, methods, noises):
     """The markdown table: one block of rows per noise ratio."""
-    head = ("| noise | method | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | % of clean-only | detection AUC "
-            "| s / epoch | x baseline | peak GiB |")
+    head = ("| noise | method | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | % of clean-only "
+            "| detection AUC | s / epoch | x baseline | peak GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    recalls = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     for noise in noises:
         ref = cells.get(("clean", noise) if noise > 0 else ("baseline", noise))
         base = cells.get(("baseline", noise))
@@ -152,7 +174,7 @@ def table(cells, methods, noises):
             per_epoch = c["wall_s"] / res["args"]["epochs"]
             auc = detection_auc(m, res)
             lines.append("| " + " | ".join([
-                f"{noise:g}", m, *(f"{r[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")),
+                f"{noise:g}", m, *(f"{r[k]:.1f}" for k in recalls),
                 f"{100 * r['rsum'] / ref['results']['test']['rsum']:.1f}" if ref else "",
                 f"{auc:.3f}" if auc is not None else "-", f"{per_epoch:.1f}",
                 f"{per_epoch / (base['wall_s'] / base['results']['args']['epochs']):.2f}" if base else "",
@@ -161,12 +183,14 @@ def table(cells, methods, noises):
 
 
 def input_speed(args):
-    """Images/s of the training images, per-sample PIL against the cache (built first, timed), at the model's size."""
+    """Images/s of the training images, per-sample PIL against the cache (built first, timed), at the
+    model's size."""
     if args.fake_f30k:
         embedded.write_f30k_like(args.data_root, {"train": args.fake_f30k, "dev": 10, "test": 10})
     paths = data.load_split(args.dataset, args.data_root, "train").paths
-    model = (runs.EMBEDDED if args.dataset == "embedded" else runs.REAL)["model"]
-    preprocess = open_clip.image_transform(open_clip.get_model_config(model)["vision_cfg"]["image_size"], is_train=False)
+    model = (baseline.EMBEDDED if args.dataset == "embedded" else baseline.REAL)["model"]
+    size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    preprocess = open_clip.image_transform(size, is_train=False)
     out = {"images": len(paths), "workers": args.workers, "model": model}
     for name, folder in (("pil", None), ("cache", Path(args.out_dir) / "input-cache")):
         shutil.rmtree(Path(args.out_dir) / "input-cache", ignore_errors=True)
@@ -179,20 +203,25 @@ def input_speed(args):
             n += len(x)
         out[f"{name}_images_per_s"] = n / (time.time() - t0)
         print(f"{name:>5}: {out[f'{name}_images_per_s']:8.0f} images/s ({n} images of {tuple(x.shape[1:])}, "
-              f"{args.workers} workers)" + (f"; built in {out['cache_build_s']:.1f} s" if folder else ""), flush=True)
+              f"{args.workers} workers)" + (f"; built in {out['cache_build_s']:.1f} s" if folder else ""),
+              flush=True)
     return out
 
 
 def agreement(args):
-    """Share of pairs on which NPC's look-ahead ratio r says the same (r < 1 or not) under bf16 and fp32 training."""
-    root, device = Path(runs.EMBEDDED["data_root"]), torch.device("cpu")
+    """Share of pairs on which NPC's look-ahead ratio r says the same (r < 1 or not) under bf16 and
+    fp32 training."""
+    root, device = Path(baseline.EMBEDDED["data_root"]), torch.device("cpu")
     model, preprocess, tokenizer = common.load_model("nc-tiny", embedded.prepare(root, device), device)
     pixels = data.Pixels(preprocess, root)
     train, is_noisy = data.noisy_train("embedded", root, 0.4, 0)
     flags = SimpleNamespace(batch_size=128, seed=99, bank_threshold=0.9)
-    bank_img, bank_txt, _ = npc.memory_bank(model, train, is_noisy, flags, pixels, tokenizer, device, print)
+    img, txt = common.features(model, train, pixels, tokenizer, device)
+    owner = torch.as_tensor(train.img_of_cap)
+    bank_img, bank_txt, _ = npc.memory_bank(img, txt, owner, model.logit_scale.exp().item(), is_noisy, flags)
     pairs = npc.WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
-    batches = list(torch.utils.data.DataLoader(pairs, 128, shuffle=True, generator=torch.Generator().manual_seed(0)))[:8]
+    loader = torch.utils.data.DataLoader(pairs, 128, shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = list(loader)[:8]
     out = {}
     for lr in (1e-5, 5e-4):
         r = {}
@@ -201,22 +230,24 @@ def agreement(args):
             losses = bf16_memory_losses if mode == "bf16 memory" else npc.memory_losses
             r[mode] = []
             for images, tokens, _, images_I, tokens_I, images_T, tokens_T in batches:
-                memory = pixels.normalize(torch.cat([images_I, images_T])), torch.cat([tokens_I, tokens_T])  # (2B, ...)
+                memory = (pixels.normalize(torch.cat([images_I, images_T])),
+                          torch.cat([tokens_I, tokens_T]))  # (2B, ...)
                 siamese = copy.deepcopy(model)
-                opt = common.optimizer(siamese, lr, 0.2)
+                opt = runs.optimizer(siamese, lr, 0.2)
                 l_I, l_T = losses(model, *memory)
                 with amp:
                     loss = common.info_nce(*siamese(pixels.normalize(images), tokens)).mean()
-                common.train_step(siamese, opt, loss)
+                runs.train_step(siamese, opt, loss)
                 l_I_after, l_T_after = losses(siamese, *memory)
                 r[mode].append((l_I / l_I_after + l_T / l_T_after) / 2)
             r[mode] = torch.cat(r[mode]).numpy()
         out[f"lr {lr:g}"] = {"r_mean": float(r["fp32"].mean()), "r_sd": float(r["fp32"].std()),
                              "agree_fp32_memory": float(np.mean((r["bf16"] < 1) == (r["fp32"] < 1))),
                              "agree_bf16_memory": float(np.mean((r["bf16 memory"] < 1) == (r["fp32"] < 1)))}
-        print(f"lr {lr:g}: r (fp32) mean {r['fp32'].mean():.4f} sd {r['fp32'].std():.4f}; bf16 training agrees with fp32 about "
-              f"w < 1 on {out[f'lr {lr:g}']['agree_fp32_memory']:.1%} of {len(r['fp32'])} pairs with fp32 memory losses, "
-              f"{out[f'lr {lr:g}']['agree_bf16_memory']:.1%} with bf16 memory losses", flush=True)
+        row = out[f"lr {lr:g}"]
+        print(f"lr {lr:g}: r (fp32) mean {r['fp32'].mean():.4f} sd {r['fp32'].std():.4f}; bf16 training "
+              f"agrees with fp32 about w < 1 on {row['agree_fp32_memory']:.1%} of {len(r['fp32'])} pairs "
+              f"with fp32 memory losses, {row['agree_bf16_memory']:.1%} with bf16 memory losses", flush=True)
     return out
 
 
@@ -232,7 +263,8 @@ def main():
     if args.input or args.agreement:
         args.out_dir = args.out_dir or "out/bench-precision-input"
         if args.input and args.data_root is None:
-            raise data.UserError("--input needs --data-root (with --fake-f30k N, a folder to write generated JPEGs to)")
+            raise data.UserError("--input needs --data-root "
+                                 "(with --fake-f30k N, a folder to write generated JPEGs to)")
         result = input_speed(args) if args.input else agreement(args)
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         name = "input.json" if args.input else "agreement.json"
@@ -244,7 +276,7 @@ def main():
     if args.nproc < 1:
         raise data.UserError(f"--nproc must be at least 1, got {args.nproc}")
     args.out_dir = args.out_dir or f"out/bench-{'quick' if args.quick else args.dataset}"
-    defaults = dict(runs.EMBEDDED if args.dataset == "embedded" else runs.REAL)
+    defaults = dict(baseline.EMBEDDED if args.dataset == "embedded" else baseline.REAL)  # the shared budget
     if args.dataset == "embedded":
         args.data_root = args.data_root or (f"{args.out_dir}/data" if args.quick else defaults["data_root"])
         if args.quick:  # a small dataset and a briefly pre-trained tiny CLIP (as the tests use)
@@ -253,9 +285,11 @@ def main():
         defaults["pretrained"] = embedded.prepare(args.data_root, torch.device("cpu"))
     elif args.data_root is None:
         raise data.UserError(f"--data-root is required for --dataset {args.dataset}")
-    budget = {k: defaults[k] for k in ("model", "pretrained", "epochs", "batch_size", "lr", "warmup")}  # what every run shares
+    # what every run shares
+    budget = {k: defaults[k] for k in ("model", "pretrained", "epochs", "batch_size", "lr", "warmup")}
     budget.update({k: QUICK[k] for k in ("epochs", "batch_size", "warmup")} if args.quick else {})
-    budget.update({k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None})
+    given = (("epochs", args.epochs), ("batch_size", args.batch_size))
+    budget.update({k: v for k, v in given if v is not None})
     code, methods = source_hash(), [m for m in METHODS if m in args.methods]  # clean first: the reference
     print(f"bench: {methods} x noise {noises}, budget {budget}, out {args.out_dir}", flush=True)
 
@@ -270,9 +304,11 @@ def main():
     data.atomic_write(Path(args.out_dir) / "table.md", lambda f: f.write((md + "\n").encode()))
     done = [dict(method=m, noise=n, **(c or {"failed": True})) for (m, n), c in cells.items()]
     summary = {"budget": budget, "code": code, "runs": done}
-    data.atomic_write(Path(args.out_dir) / "bench.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    data.atomic_write(Path(args.out_dir) / "bench.json",
+                      lambda f: f.write(json.dumps(summary, indent=1).encode()))
     if any(c is None for c in cells.values()):
-        raise data.UserError(f"{sum(c is None for c in cells.values())} runs failed; their logs are under {args.out_dir}")
+        failed = sum(c is None for c in cells.values())
+        raise data.UserError(f"{failed} runs failed; their logs are under {args.out_dir}")
 
 
 if __name__ == "__main__":

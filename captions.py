@@ -1,16 +1,18 @@
-"""Caption text: words, a word vocabulary for a captioning decoder (nlip.py), and the captioning metrics BLEU-4 and
-CIDEr-D, computed as pycocoevalcap (the COCO caption evaluation code) computes them.
+"""Caption text for nlip.py: words, a word vocabulary for its decoder, beam search, and the captioning metrics
+BLEU-4 and CIDEr-D, computed as pycocoevalcap (the COCO caption evaluation code) computes them.
 
-Mirrors its bleu/bleu_scorer.py (corpus BLEU, reference length "closest") and cider/cider_scorer.py (CIDEr-D: n-grams up
-to 4, gaussian length penalty sigma=6, clipped counts, x10, idf over the references of the whole scored set), so scores are
-comparable with published ones. pycocoevalcap is not a dependency of this project: its Java PTB tokenizer is all it would
-add for these two metrics, and tokenize() below stands in for it. tests/test_captions.py checks both against pycocoevalcap.
+Mirrors its bleu/bleu_scorer.py (corpus BLEU, reference length "closest") and cider/cider_scorer.py
+(CIDEr-D: n-grams up to 4, gaussian length penalty sigma=6, clipped counts, x10, idf over the references of
+the whole scored set), so scores are comparable with published ones. pycocoevalcap is not a dependency of
+this project: its Java PTB tokenizer is all it would add for these two metrics, and tokenize() below stands
+in for it. tests/test_captions.py checks both against pycocoevalcap.
 """
 import math
 import string
 from collections import Counter
 
 import numpy as np
+import torch
 
 N = 4  # n-gram orders 1..N, for both metrics (pycocoevalcap's Bleu(4) and Cider(n=4))
 SIGMA = 6.0  # CIDEr-D length penalty width, in words (pycocoevalcap's default)
@@ -18,8 +20,9 @@ NO_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def tokenize(s):
-    """Lower-case, delete punctuation, split on whitespace. pycocoevalcap runs Stanford's PTBTokenizer -lowerCase and then
-    drops punctuation tokens: the same words on plain captions; it differs inside words ("dog's" -> "dog 's", here "dogs")."""
+    """Lower-case, delete punctuation, split on whitespace. pycocoevalcap runs Stanford's
+    PTBTokenizer -lowerCase and then drops punctuation tokens: the same words on plain captions; it differs
+    inside words ("dog's" -> "dog 's", here "dogs")."""
     return s.lower().translate(NO_PUNCT).split()
 
 
@@ -28,8 +31,8 @@ PAD, BOS, EOS, UNK = range(4)
 
 
 def vocabulary(texts, min_count):
-    """The words of texts seen at least min_count times, after <pad> <bos> <eos> <unk> (the captioning convention:
-    rarer words become <unk>)."""
+    """The words of texts seen at least min_count times, after <pad> <bos> <eos> <unk> (the captioning
+    convention: rarer words become <unk>)."""
     counts = Counter(w for t in texts for w in tokenize(t))
     return ["<pad>", "<bos>", "<eos>", "<unk>"] + sorted(w for w, n in counts.items() if n >= min_count)
 
@@ -59,8 +62,9 @@ def ngrams(words):
 
 
 def bleu4(candidates, references):
-    """Corpus BLEU-4: clipped matches and candidate n-grams are summed over all images before the geometric mean, and the
-    brevity penalty compares total candidate length to the total of each candidate's closest reference length."""
+    """Corpus BLEU-4: clipped matches and candidate n-grams are summed over all images before the geometric
+    mean, and the brevity penalty compares total candidate length to the total of each candidate's closest
+    reference length."""
     tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards against 0/0; they move a score by about 1e-9
     correct, guess = np.zeros(N), np.zeros(N)
     cand_len = ref_len = 0
@@ -68,23 +72,27 @@ def bleu4(candidates, references):
         c, rs = tokenize(cand), [tokenize(r) for r in refs]
         max_ref = Counter()
         for r in rs:
-            max_ref |= ngrams(r)  # | keeps the larger count: a candidate n-gram is credited at most its count in one reference
+            # | keeps the larger count: a candidate n-gram is credited at most its count in one reference
+            max_ref |= ngrams(r)
         for g, count in ngrams(c).items():
             correct[len(g) - 1] += min(count, max_ref[g])
         guess += [max(len(c) - k, 0) for k in range(N)]
         cand_len += len(c)
-        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]  # closest reference length, a tie goes to the shorter
+        # closest reference length, a tie goes to the shorter
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
     bleu = np.prod((correct + tiny) / (guess + small)) ** (1 / N)
     ratio = (cand_len + tiny) / (ref_len + small)
     return float(bleu * math.exp(1 - 1 / ratio) if ratio < 1 else bleu)
 
 
 def cider(candidates, references):
-    """Corpus CIDEr-D: per image, 10 x the mean over orders n and over references of the tf-idf cosine, with candidate
-    weights clipped by the reference's and a gaussian penalty on the length difference; then the mean over images."""
+    """Corpus CIDEr-D: per image, 10 x the mean over orders n and over references of the tf-idf cosine, with
+    candidate weights clipped by the reference's and a gaussian penalty on the length difference; then the
+    mean over images."""
     cands = [tokenize(c) for c in candidates]
     refs = [[tokenize(r) for r in rs] for rs in references]
-    # idf from the references only: df = number of images whose references contain the n-gram; unseen n-grams count as 1
+    # idf from the references only: df = number of images whose references contain the n-gram;
+    # unseen n-grams count as 1
     df = Counter(g for rs in refs for g in set().union(*map(ngrams, rs)))
     log_images = math.log(len(refs))
 
@@ -108,3 +116,59 @@ def cider(candidates, references):
                     total += penalty * dot / (norm_c[n] * norm_r[n])
         scores.append(10 * total / (N * len(rs)))
     return float(np.mean(scores))
+
+
+# ---- Generation and reports, for nlip.py
+@torch.no_grad()
+def generate(captioner, patches, concepts, length, beam=1):
+    """Word ids (B, <= length) of the most likely caption after [concepts, <bos>], greedy (beam 1) or by beam
+    search, from a decoder captioner(ids (B, L), patches (B, P, width)) -> next-word logits (B, L, V)."""
+    B, V = len(concepts), captioner.head.out_features
+    seq = torch.cat([concepts, torch.full_like(concepts[:, :1], BOS)], 1)  # (B, k+1)
+    seq = seq.repeat_interleave(beam, 0)  # (B*beam, k+1)
+    patches = patches.repeat_interleave(beam, 0)
+    score = torch.tensor([0.0] + [-torch.inf] * (beam - 1), device=seq.device).repeat(B, 1)  # (B, beam)
+    done = torch.zeros(B * beam, dtype=torch.bool, device=seq.device)
+    pad_only = torch.where(torch.arange(V, device=seq.device) == PAD, 0.0, -torch.inf)  # (V,)
+    for _ in range(length):
+        logp = captioner(seq, patches)[:, -1].float().log_softmax(-1)  # (B*beam, V)
+        logp[done] = pad_only  # a finished caption goes on with <pad>, at no cost
+        score, top = (score.reshape(-1, 1) + logp).reshape(B, beam * V).topk(beam, 1)  # (B, beam) the best
+        src = (top // V + beam * torch.arange(B, device=seq.device)[:, None]).reshape(-1)
+        seq = torch.cat([seq[src], (top % V).reshape(-1, 1)], 1)
+        done = done[src] | (seq[:, -1] == EOS) | (seq[:, -1] == PAD)
+        if done.all():
+            break
+    return seq.reshape(B, beam, -1)[:, 0, concepts.shape[1] + 1:]  # topk sorts: beam 0 is the best
+
+
+def by_image(split):
+    """The captions of each image of a split: [[caption, ...], ...] (n_img lists)."""
+    out = [[] for _ in split.paths]
+    for c, i in zip(split.captions, split.img_of_cap):
+        out[i].append(c)
+    return out
+
+
+def concept_hits(concepts, vocab, truth):
+    """The mean share of an image's concepts, (n_img, k) word ids, that its true captions hold."""
+    hits = []
+    for ids, texts in zip(concepts.tolist(), truth):
+        words = set(tokenize(" ".join(texts)))
+        hits.append(len({vocab[c] for c in ids} & words) / len(ids))
+    return float(np.mean(hits))
+
+
+def completion_report(texts, split, truth, synthetic, is_noisy):
+    """Did completion describe the images better than the noise did? BLEU-4 and CIDEr, against the image's
+    true captions, of the synthetic and of the raw captions of the completed pairs that were truly noisy."""
+    noisy = np.flatnonzero(synthetic & is_noisy)
+    if len(noisy) == 0:
+        return {}
+    refs = [truth[split.img_of_cap[k]] for k in noisy]
+    generated = [texts[k] for k in noisy]
+    raw = [split.captions[k] for k in noisy]
+    out = {}
+    for name, got in (("generated", generated), ("noisy", raw)):
+        out[name] = {"bleu4": bleu4(got, refs), "cider": cider(got, refs)}
+    return out

@@ -1,4 +1,4 @@
-"""Datasets and noise injection: Flickr30K, MS-COCO, CC120K, custom data, and the embedded data (embedded.py).
+"""Datasets and noise injection: Flickr30K, MS-COCO, CC120K, custom data, and embedded data (embedded.py).
 
 A split is three parallel facts (class Split): `paths`, one image file per image; `captions`, a list of
 strings; `img_of_cap` (N,), the image each caption belongs to. Training samples are caption slots: item k
@@ -10,8 +10,7 @@ On-disk layouts (--data-root is the folder holding them):
   SCAN/NPC text  annotations/scan_split/{train,dev,test}_caps.txt (one caption a line) and
                  {split}_ids.txt (one id per caption, or one per image, repeated for its captions).
                  Images under images/: f30k names from annotations/scan_split/image_name.txt (line = id),
-                 coco COCO_2014_<id, 12 digits>.jpg, cc120k <id>.jpg.
-"""
+                 coco COCO_2014_<id, 12 digits>.jpg, cc120k <id>.jpg."""
 import fcntl
 import hashlib
 import json
@@ -38,16 +37,17 @@ class Split(NamedTuple):
 
 
 DATASETS = ("embedded", "f30k", "coco", "cc120k", "custom")
-JSON_NAMES = {"embedded": "dataset_embedded.json", "f30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
-KARPATHY_SPLITS = {"train": ("train", "restval"), "dev": ("val", "dev"), "test": ("test",), "pretrain": ("pretrain",)}
+JSON_NAMES = {"embedded": "dataset_embedded.json", "f30k": "dataset_flickr30k.json",
+              "coco": "dataset_coco.json"}
+KARPATHY_SPLITS = {"train": ("train", "restval"), "dev": ("val", "dev"), "test": ("test",),
+                   "pretrain": ("pretrain",)}
 MAX_CAPS = 5  # captions kept per image (COCO has a few images with 6 or 7; the protocol uses 5)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loaders
+# ---- Loaders
 def atomic_write(path, write):
-    """write(f) into a temporary file of this process, then rename: a crash never leaves a half-written file at path,
-    and two processes writing the same path at once never share a temporary file."""
+    """write(f) into a temporary file of this process, then rename: a crash never leaves a half-written file
+    at path, and two processes writing the same path at once never share a temporary file."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -68,7 +68,8 @@ def _karpathy(json_path, split):
     if not keep:
         raise UserError(f"{json_path} has no images in split {KARPATHY_SPLITS[split]}")
     root = Path(json_path).parent
-    folder = next((d for d in (root / "images", root / "flickr30k-images", root) if (d / files[0]).exists()), root / "images")
+    candidates = (root / "images", root / "flickr30k-images", root)
+    folder = next((d for d in candidates if (d / files[0]).exists()), root / "images")
     return [str(folder / f) for f in files], captions
 
 
@@ -86,15 +87,16 @@ def _lines(path):
 def _scan(root, dataset, split):
     d = Path(root) / "annotations" / "scan_split"
     caps, ids = _lines(d / f"{split}_caps.txt"), [i.strip() for i in _lines(d / f"{split}_ids.txt")]
-    per = 1 if dataset == "cc120k" else MAX_CAPS  # captions per image when the ids file has one line per image
+    per = 1 if dataset == "cc120k" else MAX_CAPS  # captions per image if the ids file has one line per image
     per_image = len(caps) == per * len(ids) and len(set(ids)) == len(ids)
     if not ids or (len(ids) != len(caps) and not per_image):
-        raise UserError(f"{d}/{split}_caps.txt has {len(caps)} captions for {len(ids)} ids: neither one id a caption "
-                        f"nor {per} captions for each of distinct ids")
+        raise UserError(f"{d}/{split}_caps.txt has {len(caps)} captions for {len(ids)} ids: neither one id "
+                        f"a caption nor {per} captions for each of distinct ids")
     ids = ids if len(ids) == len(caps) else np.repeat(ids, per).tolist()
     order = list(dict.fromkeys(ids))  # images in order of first appearance (COCO 1K folds depend on it)
     names = [n.strip() for n in _lines(d / "image_name.txt")] if dataset == "f30k" else []
-    bad = [i for i in order if dataset != "cc120k" and not (i.isdigit() and (dataset == "coco" or int(i) < len(names)))]
+    bad = [i for i in order
+           if dataset != "cc120k" and not (i.isdigit() and (dataset == "coco" or int(i) < len(names)))]
     if bad:
         raise UserError(f"{d}/{split}_ids.txt: the id '{bad[0]}' names no {dataset} image")
     if dataset == "f30k":
@@ -115,28 +117,33 @@ def load_split(dataset, root, split):
         raise UserError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist (--data-root)")
-    names = [JSON_NAMES[dataset]] if dataset in JSON_NAMES else [p.name for p in sorted(root.glob("dataset_*.json"))]
+    names = ([JSON_NAMES[dataset]] if dataset in JSON_NAMES
+             else [p.name for p in sorted(root.glob("dataset_*.json"))])
     if len(names) > 1:
-        raise UserError(f"{root} holds {len(names)} Karpathy JSON files ({', '.join(names)}); --dataset custom needs one")
+        raise UserError(f"{root} holds {len(names)} Karpathy JSON files ({', '.join(names)}); "
+                        "--dataset custom needs one")
     if dataset == "custom" and not names and (root / "annotations" / "scan_split").is_dir():
-        raise UserError(f"{root} has the SCAN layout, which --dataset custom does not read: use f30k, coco or cc120k")
+        raise UserError(f"{root} has the SCAN layout, which --dataset custom does not read: "
+                        "use f30k, coco or cc120k")
     if names and (root / names[0]).exists():
         paths, captions = _karpathy(root / names[0], split)
     elif dataset != "custom" and (root / "annotations" / "scan_split" / f"{split}_caps.txt").exists():
         paths, captions = _scan(root, dataset, split)
     else:
-        raise UserError(f"{root} holds neither {names[0] if names else 'dataset_*.json'} nor annotations/scan_split/{split}_caps.txt")
+        raise UserError(f"{root} holds neither {names[0] if names else 'dataset_*.json'} "
+                        f"nor annotations/scan_split/{split}_caps.txt")
     check(paths, captions, split)
     img_of_cap = np.repeat(np.arange(len(paths)), [len(c) for c in captions])
     return Split(paths, [c.strip() for cs in captions for c in cs], img_of_cap)
 
 
 def check(paths, captions, split):
-    """Before any work: every image has a caption, every caption is text, every image file opens as an image (its
-    header is read: a broken file is named now, not after training)."""
+    """Before any work: every image has a caption, every caption is text, every image file opens as an image
+    (its header is read: a broken file is named now, not after training)."""
     for path, caps in zip(paths, captions):
         if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-            raise UserError(f"{split} split: image {path} has no caption, or a caption that is empty or not text: {caps}")
+            raise UserError(f"{split} split: image {path} has no caption, "
+                            f"or a caption that is empty or not text: {caps}")
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise UserError(f"{len(missing)} image(s) of the {split} split are missing, first: {missing[0]}")
@@ -147,15 +154,13 @@ def check(paths, captions, split):
             raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e})") from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Noise: the NCR/NPC protocol, per caption slot
+# ---- Noise: the NCR/NPC protocol, per caption slot
 def inject_noise(split, noise, seed, cache_file):
     """Permute the captions of round(noise * N) random caption slots among those slots.
 
-    Returns the noisy split and is_noisy (N,) bool (a caption that lands on a slot of its own image stays
-    clean). Deterministic in (noise, seed, N), so computed every time; cache_file keeps a record of it, written whole,
-    and rewritten when it holds anything else (another noise rate's or seed's permutation, or a broken file).
-    """
+    Returns the noisy split and is_noisy (N,) bool (a caption landing on a slot of its own image stays clean).
+    Deterministic in (noise, seed, N), so computed every time; cache_file keeps a record of it, written whole,
+    and rewritten when it holds anything else (another noise rate's or seed's permutation, a broken file)."""
     if not 0 <= noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {noise}")
     img_of_cap, n, cache_file = split.img_of_cap, len(split.captions), Path(cache_file)
@@ -174,7 +179,7 @@ def inject_noise(split, noise, seed, cache_file):
 
 
 def noisy_train(dataset, root, noise, seed):
-    """The training split with noise injected; the permutation is cached in cache_dir(root)/noise/. -> (split, is_noisy)"""
+    """The noisy training split -> (split, is_noisy); the permutation is cached in cache_dir(root)/noise/."""
     cache = cache_dir(root) / "noise" / f"{dataset}_n{noise:g}_s{seed}.npy"
     return inject_noise(load_split(dataset, root, "train"), noise, seed, cache)
 
@@ -192,10 +197,9 @@ class Pairs(torch.utils.data.Dataset):
         return self.images[self.split.img_of_cap[k]][0], self.tokenizer([self.split.captions[k]])[0], k
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Images: decoded once into a uint8 cache (or per sample with PIL), normalised on the device
+# ---- Images: decoded once into a uint8 cache (or per sample with PIL), normalised on the device
 def cache_dir(root):
-    """Where the caches of the data in root go (noise permutations, decoded images): root itself if it is writable,
+    """Where the caches of the data in root go (noise permutations, decoded images): root itself if writable,
     else $NC_CACHE or ~/.cache/noisy-correspondence, in a folder named after root's absolute path."""
     if os.access(root, os.W_OK):
         return Path(root)
@@ -204,9 +208,9 @@ def cache_dir(root):
 
 
 class Pixels:
-    """open_clip's preprocess cut in two. Its PIL steps (resize, crop, RGB) turn a file into uint8 (3, S, S), read from
-    a decode-once cache (a memory-mapped .npy under folder, built on first use) or, with folder None, decoded per
-    sample; normalize() does its ToTensor and Normalize on a batch, on the device, with the same float operations."""
+    """open_clip's preprocess cut in two. Its PIL steps (resize, crop, RGB) turn a file into uint8 (3, S, S),
+    via a decode-once cache (a memory-mapped .npy under folder, built on first use) or, with folder None, per
+    sample; normalize() does its ToTensor and Normalize on a batch, on the device, with the same float ops."""
 
     def __init__(self, preprocess, folder=None, workers=0):
         steps = list(preprocess.transforms)
@@ -214,7 +218,8 @@ class Pixels:
         if cut is None or len(steps) != cut + 2 or not isinstance(steps[-1], transforms.Normalize):
             raise UserError(f"cannot cut this preprocess into PIL steps, ToTensor, Normalize: {preprocess}")
         self.pil, self.folder, self.workers = transforms.Compose(steps[:cut]), folder, workers
-        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (steps[-1].mean, steps[-1].std))
+        self.mean = torch.tensor(steps[-1].mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(steps[-1].std, dtype=torch.float32).view(3, 1, 1)
 
     def normalize(self, x):
         """x uint8 (B, 3, S, S) -> float (B, 3, S, S), as ToTensor then Normalize would give."""
@@ -240,12 +245,12 @@ class Pixels:
 
 
 def build_cache(path, images, workers):
-    """Decode every image once into path (.npy, uint8 (n, 3, S, S)), written whole: a temporary file, then rename."""
+    """Decode every image once into path (.npy, uint8 (n, 3, S, S)), written whole: temp file, then rename."""
     shape = images[0][0].shape
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), *shape))
-        # a generator of its own keeps the global one as it was (embedded.pretrain_tiny's shuffles draw from it)
+        # its own generator keeps the global one as it was (embedded.pretrain_tiny's shuffles draw from it)
         loader = torch.utils.data.DataLoader(images, 64, num_workers=workers, generator=torch.Generator())
         for x, i in tqdm(loader, f"decoding {len(images)} images once into {path.name}", disable=None):
             array[i[0]:i[-1] + 1] = x.numpy()
@@ -275,7 +280,7 @@ class Decoded(torch.utils.data.Dataset):
 
 
 class Cached(torch.utils.data.Dataset):
-    """Image i -> (uint8 (3, S, S), i), read from the cache file (memory-mapped, opened in each worker process)."""
+    """Image i -> (uint8 (3, S, S), i), read from the cache file (memory-mapped, opened in each worker)."""
 
     def __init__(self, path):
         self.path, self.array = path, None

@@ -1,14 +1,18 @@
-"""The embedded setting: a generated image-caption dataset, and a tiny CLIP pre-trained on its own clean split.
+"""The embedded setting: a generated image-caption dataset and a tiny CLIP pre-trained on its own clean split.
 
-It mirrors the real setting, fine-tuning a *pre-trained* CLIP on noisy pairs, at a size that runs on 2 CPU cores:
-  - images: 2-3 shapes (6 shapes x 8 colours, 2 sizes, a 3x3 grid of positions), drawn at 128 px, kept at 64 px;
+It mirrors the real setting, fine-tuning a *pre-trained* CLIP on noisy pairs,
+at a size that runs on 2 CPU cores:
+  - images: 2-3 shapes (6 shapes x 8 colours, 2 sizes, a 3x3 grid of positions), drawn at 128 px,
+    kept at 64 px;
   - captions: 5 per image, naming the objects in random order, sometimes leaving one out, with synonyms,
     several templates, and size and position words half the time;
   - splits: pretrain 10,000 images, train 4,000, dev 1,000, test 1,000, written in the Karpathy JSON layout
     (dataset_embedded.json + images/), so data.py's real loader reads them;
   - the domain shift that fine-tuning learns: the pretrain split has plain backgrounds half the time, terse
-    alt-text captions 70% of the time ("red circle, blue star"), and never shows 12 of the 48 colour-shape pairs;
-  - nc-tiny (common.py) pre-trained on the pretrain split is the embedded `--pretrained`, as 'openai' is for real data.
+    alt-text captions 70% of the time ("red circle, blue star"), and never shows 12 of the 48 colour-shape
+    pairs;
+  - nc-tiny (common.py) pre-trained on the pretrain split is the embedded `--pretrained`, as 'openai' is
+    for real data.
 """
 import json
 from pathlib import Path
@@ -19,6 +23,7 @@ from PIL import Image, ImageDraw
 
 import common
 import data
+import runs
 
 SHAPES = {"circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle", "wedge"),
           "diamond": ("diamond", "rhombus"), "hexagon": ("hexagon", "honeycomb"), "star": ("star", "starlet")}
@@ -27,12 +32,14 @@ COLOURS = {"red": ((215, 35, 35), ("red", "crimson")), "green": ((35, 175, 60), 
            "purple": ((140, 50, 185), ("purple", "violet")), "orange": ((250, 140, 20), ("orange", "amber")),
            "pink": ((250, 125, 190), ("pink", "rose")), "cyan": ((50, 215, 225), ("cyan", "turquoise"))}
 SIZES = {"small": ("small", "little"), "large": ("large", "big")}
-POSITIONS = (("top left", "upper left"), ("top", "top middle"), ("top right", "upper right"), ("left", "middle left"),
-             ("center", "middle"), ("right", "middle right"), ("bottom left", "lower left"), ("bottom", "bottom middle"),
-             ("bottom right", "lower right"))
-TEMPLATES = ("{}", "a picture of {}", "an image showing {}", "there is {}", "{} on a patterned background", "a photo with {}")
+POSITIONS = (("top left", "upper left"), ("top", "top middle"), ("top right", "upper right"),
+             ("left", "middle left"), ("center", "middle"), ("right", "middle right"),
+             ("bottom left", "lower left"), ("bottom", "bottom middle"), ("bottom right", "lower right"))
+TEMPLATES = ("{}", "a picture of {}", "an image showing {}", "there is {}", "{} on a patterned background",
+             "a photo with {}")
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
-HELD_OUT = {PAIRS[i] for i in np.random.default_rng(0).choice(len(PAIRS), 12, replace=False)}  # never in pre-training
+# never in pre-training
+HELD_OUT = {PAIRS[i] for i in np.random.default_rng(0).choice(len(PAIRS), 12, replace=False)}
 EMBEDDED_SIZES = {"pretrain": 10000, "train": 4000, "dev": 1000, "test": 1000}
 SPLIT_IDS = {"pretrain": 0, "train": 1, "dev": 2, "test": 3}
 
@@ -116,8 +123,9 @@ def ensure_embedded(root, sizes=None, seed=0):
     if (root / data.JSON_NAMES["embedded"]).exists():
         return
     sizes = sizes or EMBEDDED_SIZES
-    print(f"{root} holds no {data.JSON_NAMES['embedded']}: generating the embedded dataset there, once ({sum(sizes.values())} "
-          f"images {sizes}; with pre-training about 4-5 min on 2 cores; check --data-root if you meant another folder)", flush=True)
+    print(f"{root} holds no {data.JSON_NAMES['embedded']}: generating the embedded dataset there, once "
+          f"({sum(sizes.values())} images {sizes}; with pre-training about 4-5 min on 2 cores; "
+          "check --data-root if you meant another folder)", flush=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for split, n in sizes.items():
@@ -125,15 +133,17 @@ def ensure_embedded(root, sizes=None, seed=0):
             objs, img, caps = _make_image(split, i, seed)
             name = f"{split}_{i:05d}.png"
             img.save(root / "images" / name)
-            records.append({"filename": name, "split": "val" if split == "dev" else split, "imgid": len(records),
-                            "sentences": [{"raw": c} for c in caps],
+            records.append({"filename": name, "split": "val" if split == "dev" else split,
+                            "imgid": len(records), "sentences": [{"raw": c} for c in caps],
                             "objects": [dict(zip(("shape", "colour", "size", "position"), o)) for o in objs]})
-    data.atomic_write(root / data.JSON_NAMES["embedded"], lambda f: f.write(json.dumps({"dataset": "embedded", "images": records}).encode()))
+    index = json.dumps({"dataset": "embedded", "images": records}).encode()
+    data.atomic_write(root / data.JSON_NAMES["embedded"], lambda f: f.write(index))
 
 
 def write_f30k_like(root, sizes, image_size=(500, 375), seed=0):
-    """Generated JPEGs of Flickr's size in the F30K Karpathy layout (dataset_flickr30k.json, flickr30k-images/),
-    sizes {"train": n, "dev": n, "test": n}: real-data loading, the image cache and its speed, without the data."""
+    """Generated JPEGs of Flickr's size in the F30K Karpathy layout (dataset_flickr30k.json,
+    flickr30k-images/), sizes {"train": n, "dev": n, "test": n}: real-data loading, the image cache and its
+    speed, without the data."""
     root = Path(root)
     (root / "flickr30k-images").mkdir(parents=True, exist_ok=True)
     records = []
@@ -141,35 +151,43 @@ def write_f30k_like(root, sizes, image_size=(500, 375), seed=0):
         for i in range(n):
             objs, _, caps = _make_image(split, i, seed)
             rng = np.random.default_rng([seed, SPLIT_IDS[split], i, 1])
-            img = _render(objs, rng, textured=True, size=max(image_size), out=max(image_size)).crop((0, 0, *image_size))
+            side = max(image_size)
+            img = _render(objs, rng, textured=True, size=side, out=side).crop((0, 0, *image_size))
             name = f"{split}_{i:05d}.jpg"
             img.save(root / "flickr30k-images" / name, quality=90)
-            records.append({"filename": name, "split": "val" if split == "dev" else split, "sentences": [{"raw": c} for c in caps]})
-    data.atomic_write(root / data.JSON_NAMES["f30k"], lambda f: f.write(json.dumps({"images": records}).encode()))
+            records.append({"filename": name, "split": "val" if split == "dev" else split,
+                            "sentences": [{"raw": c} for c in caps]})
+    index = json.dumps({"images": records}).encode()
+    data.atomic_write(root / data.JSON_NAMES["f30k"], lambda f: f.write(index))
 
 
 def zero_shot(clip, img, root, tokenizer, device):
     """Zero-shot classification of the test images, img (n, D) their normalised features, by shape, colour and
-    colour-shape pair, prompt "a photo of a {class}". A top-1 class counts as right if the image holds it (2-3 objects
-    each); chance is the mean share of the classes an image holds. -> {"shape": {"accuracy", "chance"}, "colour": ...}"""
+    colour-shape pair, prompt "a photo of a {class}". A top-1 class counts as right if the image holds it (2-3
+    objects each); chance is the mean share of the classes an image holds.
+    -> {"shape": {"accuracy", "chance"}, "colour": ...}"""
     records = json.loads((Path(root) / data.JSON_NAMES["embedded"]).read_text())["images"]
     objects = [[(o["shape"], o["colour"]) for o in im["objects"]] for im in records if im["split"] == "test"]
     out = {}
     for name, classes, held in (("shape", list(SHAPES), lambda objs: {s for s, _ in objs}),
                                 ("colour", list(COLOURS), lambda objs: {c for _, c in objs}),
-                                ("colour shape", [f"{c} {s}" for c, s in PAIRS], lambda objs: {f"{c} {s}" for s, c in objs})):
-        t = clip.encode_text(tokenizer([f"a photo of a {c}" for c in classes]).to(device), normalize=True).float()  # (C, D)
+                                ("colour shape", [f"{c} {s}" for c, s in PAIRS],
+                                 lambda objs: {f"{c} {s}" for s, c in objs})):
+        prompts = tokenizer([f"a photo of a {c}" for c in classes]).to(device)
+        t = clip.encode_text(prompts, normalize=True).float()  # (C, D)
         pred = (img @ t.T).argmax(1).tolist()
         out[name] = {"accuracy": float(np.mean([classes[p] in held(objs) for p, objs in zip(pred, objects)])),
                      "chance": float(np.mean([len(held(objs)) / len(classes) for objs in objects]))}
     return out
 
 
-PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 100}  # as measured in shared/EMBEDDED.md
+# as measured in shared/EMBEDDED.md
+PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 100}
 
 
 def prepare(root, device, log=print, pretrain=True):
-    """Generate the dataset and pre-train nc-tiny on first use (rank 0 only); returns the pre-trained weights file."""
+    """Generate the dataset and pre-train nc-tiny on first use (rank 0 only); returns the pre-trained
+    weights file."""
     if common.rank() == 0:
         ensure_embedded(root)
         if pretrain:
@@ -180,8 +198,9 @@ def prepare(root, device, log=print, pretrain=True):
 
 
 def pretrain_tiny(root, device, log=print, **overrides):
-    """Pre-train nc-tiny once on the clean pre-training split of the embedded data (the embedded analogue of
-    OpenAI's CLIP); cached as root/nc-tiny-pretrained.pt, which it returns. One random caption per image a pass."""
+    """Pre-train nc-tiny once on the clean pre-training split of the embedded data (the embedded analogue
+    of OpenAI's CLIP); cached as root/nc-tiny-pretrained.pt, which it returns. One random caption per image
+    a pass."""
     hp, path = dict(PRETRAIN, **overrides), Path(root) / "nc-tiny-pretrained.pt"
     if path.exists():
         return str(path)
@@ -190,19 +209,25 @@ def pretrain_tiny(root, device, log=print, **overrides):
     model, preprocess, tokenizer = common.load_model("nc-tiny", "none", device, log)
     pixels = data.Pixels(preprocess, root)
     split = data.load_split("embedded", root, "pretrain")
-    first, counts = np.searchsorted(split.img_of_cap, np.arange(len(split.paths))), np.bincount(split.img_of_cap)
-    opt, rng, step = common.optimizer(model, hp["lr"], hp["wd"]), np.random.default_rng(0), 0
+    first = np.searchsorted(split.img_of_cap, np.arange(len(split.paths)))  # each image's first caption
+    counts = np.bincount(split.img_of_cap)  # captions per image
+    opt, rng, step = runs.optimizer(model, hp["lr"], hp["wd"]), np.random.default_rng(0), 0
     while step < hp["steps"]:
-        pairs = torch.utils.data.Subset(data.Pairs(split, pixels, tokenizer), (first + rng.integers(0, counts)).tolist())
-        for images, tokens, _ in torch.utils.data.DataLoader(pairs, hp["batch_size"], shuffle=True, drop_last=True):
-            common.set_lr(opt, step, hp["steps"], hp["warmup"], hp["lr"])
-            loss = common.info_nce(*model(pixels.normalize(images.to(device)), tokens.to(device)), local=True).mean()  # rank 0 alone
-            common.train_step(model, opt, loss)
+        pairs = torch.utils.data.Subset(data.Pairs(split, pixels, tokenizer),
+                                        (first + rng.integers(0, counts)).tolist())  # a caption of each image
+        batches = torch.utils.data.DataLoader(pairs, hp["batch_size"], shuffle=True, drop_last=True)
+        for images, tokens, _ in batches:
+            runs.set_lr(opt, step, hp["steps"], hp["warmup"], hp["lr"])
+            img, txt, scale = model(pixels.normalize(images.to(device)), tokens.to(device))
+            loss = common.info_nce(img, txt, scale, local=True).mean()  # rank 0 alone
+            runs.train_step(model, opt, loss)
             step += 1
             if step % 100 == 0 or step == hp["steps"]:
                 log(f"pretrain step {step:4d}/{hp['steps']}  loss {loss.item():.4f}")
             if step == hp["steps"]:
                 break
-    log(f"nc-tiny zero-shot test: {common.fmt(common.evaluate(model, data.load_split('embedded', root, 'test'), pixels, tokenizer, device, local=True))}")
+    test = data.load_split("embedded", root, "test")
+    r = common.evaluate(model, test, pixels, tokenizer, device, local=True)
+    log(f"nc-tiny zero-shot test: {common.fmt(r)}")
     common.save_checkpoint(path, model.state_dict())
     return str(path)

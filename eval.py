@@ -1,15 +1,16 @@
 """Evaluate a checkpoint, or a pre-trained model zero-shot, on the dev or test split of any dataset.
 
-    python eval.py --checkpoint out/baseline-embedded-n0.4/best.pt                # its own dataset, test split
-    python eval.py                                                                # embedded tiny CLIP, zero-shot
-    python eval.py --dataset f30k --data-root /data/f30k --pretrained openai      # ViT-B-32 zero-shot
-    python eval.py --dataset coco --data-root /data/coco --checkpoint best.pt     # COCO 5K and 1K (5 folds)
+    python eval.py --checkpoint out/baseline-embedded-n0.4/best.pt             # its own dataset, test split
+    python eval.py                                                             # embedded tiny CLIP, zero-shot
+    python eval.py --dataset f30k --data-root /data/f30k --pretrained openai   # ViT-B-32 zero-shot
+    python eval.py --dataset coco --data-root /data/coco --checkpoint best.pt  # COCO 5K and 1K (5 folds)
 
 Prints R@1/5/10 image-to-text and text-to-image and their sum (rSum); --json also writes them to a file.
 """
 import json
 from types import SimpleNamespace
 
+import baseline
 import common
 import data
 import embedded
@@ -17,22 +18,26 @@ import runs
 
 
 def main():
-    p = runs.Parser(__doc__)
-    p.add_argument("--checkpoint", help="best.pt or last.pt of any script, or a state dict (default: none, zero-shot)")
+    p = runs.OneLineParser(__doc__)
+    p.add_argument("--checkpoint",
+                   help="best.pt or last.pt of any script, or a state dict (default: none, zero-shot)")
     p.add_argument("--dataset", choices=data.DATASETS, help="default: the checkpoint's, else embedded")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data/embedded)")
     p.add_argument("--split", default="test", choices=("dev", "test"), help="which split (default: test)")
-    p.add_argument("--model", help="open_clip model name (default: the checkpoint's, else nc-tiny / ViT-B-32)")
-    p.add_argument("--pretrained", help="zero-shot weights: open_clip tag or file (default: embedded tiny CLIP / openai)")
+    p.add_argument("--model",
+                   help="open_clip model name (default: the checkpoint's, else nc-tiny / ViT-B-32)")
+    p.add_argument("--pretrained",
+                   help="zero-shot weights: open_clip tag or file (default: embedded tiny CLIP / openai)")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL (default: decode once)")
+    p.add_argument("--no-image-cache", action="store_true",
+                   help="decode every image with PIL (default: decode once)")
     p.add_argument("--json", help="also write the recalls to this JSON file")
     args = p.parse_args()
 
     ck = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
     saved = ck.get("args", {}) if ck else {}  # a script's checkpoint; a bare state dict has no "args"
     dataset = args.dataset or saved.get("dataset", "embedded")
-    defaults = runs.EMBEDDED if dataset == "embedded" else runs.REAL
+    defaults = baseline.EMBEDDED if dataset == "embedded" else baseline.REAL  # the starting model's
     cfg = SimpleNamespace(dataset=dataset, data_root=args.data_root or saved.get("data_root"),
                           model=args.model or saved.get("model") or defaults["model"],
                           pretrained=args.checkpoint or args.pretrained or defaults["pretrained"])
@@ -43,8 +48,9 @@ def main():
     device = common.setup(SimpleNamespace(device=args.device, seed=0))
     if dataset == "embedded" and cfg.pretrained is None:
         cfg.pretrained = embedded.prepare(cfg.data_root, device)
+    log = print if ck is None else lambda line: None
     # a checkpoint's weights go into the model its run trained (load_model reads its starting tag's settings)
-    model, preprocess, tokenizer = common.load_model(cfg.model, cfg.pretrained, device, log=print if ck is None else lambda line: None)
+    model, preprocess, tokenizer = common.load_model(cfg.model, cfg.pretrained, device, log=log)
     split = data.load_split(dataset, cfg.data_root, args.split)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(cfg.data_root))
     r = common.evaluate(model, split, pixels, tokenizer, device, coco_1k=dataset == "coco")

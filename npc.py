@@ -1,55 +1,61 @@
-"""NPC: Negative Pre-aware Cross-modal matching (Zhang et al., AAAI 2024, arXiv 2312.05777), in the paper's per-sample form.
+"""NPC: Negative Pre-aware Cross-modal matching (Zhang et al., AAAI 2024, arXiv 2312.05777), in the paper's
+per-sample form.
 
-Before training, the starting CLIP picks a clean set (a GMM on per-sample losses) and gives every pair two "memory
-pairs": the clean pair with the nearest image and the clean pair with the nearest caption. Each step, a siamese copy
-of the model takes one look-ahead step on the batch; a pair whose step raises the loss of its own memory pairs would
-hurt the model on clean data, so its loss is down-weighted. The memory pairs are also trained on.
+Before training, the starting CLIP picks a clean set (a GMM on per-sample losses) and gives every pair two
+"memory pairs": the clean pair with the nearest image and the clean pair with the nearest caption. Each step,
+a siamese copy of the model takes one look-ahead step on the batch; a pair whose step raises the loss of its
+own memory pairs would hurt the model on clean data, so its loss is down-weighted. The memory pairs are also
+trained on.
 
     python npc.py                        # embedded data, tiny CLIP, CPU
     python npc.py --noise 0.8
     python npc.py --official-form        # the official code's form, for comparison (see below)
-    python npc.py --dataset f30k --data-root /data/f30k --noise 0.4 --model ViT-B-32 --pretrained openai   # a GPU
+    python npc.py --dataset f30k --data-root /data/f30k --noise 0.4      # ViT-B-32 'openai' on a GPU
     torchrun --standalone --nproc_per_node=4 npc.py --dataset coco --data-root /data/coco
 
 Paper -> code:
-    A, A'                               model, siamese (the look-ahead copy, made once, overwritten in place each step)
-    memory bank of clean neighbours     bank_img, bank_txt (N,): the clean pair nearest to pair k by image, by caption
-    l_i                                 l (B,)        per-sample InfoNCE of the batch under A
-    l^I_i(t), l^T_i(t)                  l_I, l_T (B,) InfoNCE among the B image-side / text-side memory pairs, before
-    l^I_i(t+1), l^T_i(t+1)              l_I_after, l_T_after (B,) the same after A' took its step on the batch
-    r_i, w_i                            r, w (B,)     w_i = tanh(r_i) if r_i < 1 else 1, no gradient through it
-    L = mean_i w_i l_i + L_mb           loss, with L_mb = mean_i (m_I_i + m_T_i), the memory losses under A with gradient
+    A, A'                       model, siamese (the look-ahead copy: made once, overwritten in place a step)
+    memory bank of clean pairs  bank_img, bank_txt (N,): the clean pair nearest to pair k by image, by caption
+    l_i                         l (B,)        per-sample InfoNCE of the batch under A
+    l^I_i(t), l^T_i(t)          l_I, l_T (B,) InfoNCE among the B image-side / text-side memory pairs, before
+    l^I_i(t+1), l^T_i(t+1)      l_I_after, l_T_after (B,) the same after A' took its step on the batch
+    r_i, w_i                    r, w (B,)     w_i = tanh(r_i) if r_i < 1 else 1, no gradient through it
+    L = mean_i w_i l_i + L_mb   loss; L_mb = mean_i (m_I_i + m_T_i), the memory losses under A with gradient
 
-The look-ahead's optimiser: A' takes the step A's own optimiser would take on the batch, so before each look-ahead
-A' receives A's weights, AdamW moments and current learning rate (copied in place) and uses the same clipping.
+The look-ahead's optimiser: A' takes the step A's own optimiser would take on the batch, so before each
+look-ahead A' receives A's weights, AdamW moments and current learning rate (copied in place) and uses the
+same clipping.
 
 Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
-  - per-sample weights: the official batch losses are means, so its w collapses to one scale per batch, mean(w) * mean(l);
-    the paper weights each l_i. --official-form restores the collapse.
-  - the memory term is trained on (under A, with gradient), as in the paper; the official code computes it on A'
-    under no_grad, a constant that changes nothing. --official-form restores the constant.
-  - the look-ahead backward runs once; the official code calls backward() twice, doubling the gradient before clipping.
-  - the look-ahead starts from A's AdamW moments each step; the official siamese optimiser keeps its own moments
-    across steps although its weights are reset each step, so its step is not the one A would take.
-  - neighbours are searched with normalised features on both sides (the official search leaves the clean ones raw).
-  - the bank is built here, deterministically, from the starting model (the official code needs a separate script
-    and an .npy file). Its per-sample losses come from seeded random batches of --batch-size pairs, so that a batch
-    rarely holds several captions of one image. With --resume it is rebuilt from the starting model, identically.
-  - the memory losses before and after the look-ahead are computed in fp32, without gradient, even when training
-    runs in bf16: at the real-data lr (1e-5) one step moves r by about as much as bf16 rounding does, and bf16 and
-    fp32 then disagree on which pairs get w < 1 (README, "Precision"). This costs a separate forward of the 2B memory
-    pairs before the step: 13 forward-equivalents a pair against a plain step's 3.
+  - per-sample weights: the official batch losses are means, so its w collapses to one scale per batch,
+    mean(w) * mean(l); the paper weights each l_i. --official-form restores the collapse.
+  - the memory term is trained on (under A, with gradient), as in the paper; the official code computes it on
+    A' under no_grad, a constant that changes nothing. --official-form restores the constant.
+  - the look-ahead backward runs once; the official code calls backward() twice, doubling the gradient before
+    clipping.
+  - the look-ahead starts from A's AdamW moments each step; the official siamese optimiser keeps its own
+    moments across steps although its weights are reset each step, so its step is not the one A would take.
+  - neighbours are searched with normalised features on both sides (the official search leaves the clean ones
+    raw).
+  - the bank is built here, deterministically, from the starting model (the official code needs a separate
+    script and an .npy file). Its per-sample losses come from seeded random batches of --batch-size pairs, so
+    that a batch rarely holds several captions of one image. With --resume it is rebuilt from the starting
+    model, identically.
+  - the memory losses before and after the look-ahead are computed in fp32, without gradient, even when
+    training runs in bf16: at the real-data lr (1e-5) one step moves r by about as much as bf16 rounding does,
+    and bf16 and fp32 then disagree on which pairs get w < 1 (README, "Precision"). This costs a separate
+    forward of the 2B memory pairs before the step: 13 forward-equivalents a pair against a plain step's 3.
   - lr, schedule, model selection: as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
-Embedded defaults: those of baseline.py (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
-Infrastructure as baseline.py. --compile compiles the training forwards and backwards of A and A'; the fp32 memory
-passes stay eager: they call the bare modules without gradient, and their time is fp32 matrix products.
-On the embedded data the memory bank is sharp (its clean set is 96% clean), but the look-ahead weight separates
-clean from noisy pairs only weakly (mean w about 0.84 against 0.82): one step on a whole batch moves every memory
-loss, and a tiny model's per-sample share of that move is small. NPC's gain here comes from the memory term, which
-trains on clean pairs (with w = 1 it does as well); the README gives the measurements.
+Defaults: those of baseline.py (embedded: batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
+Infrastructure as baseline.py. --compile compiles the training forwards and backwards of A and A'; the fp32
+memory passes stay eager: they call the bare modules without gradient, and their time is fp32 matrix products.
+On the embedded data the memory bank is sharp (its clean set is 96% clean), but the look-ahead weight
+separates clean from noisy pairs only weakly (mean w about 0.84 against 0.82): one step on a whole batch moves
+every memory loss, and a tiny model's per-sample share of that move is small. NPC's gain here comes from the
+memory term, which trains on clean pairs (with w = 1 it does as well); the README gives the measurements.
 """
 import copy
-import sys
+import functools
 import time
 
 import numpy as np
@@ -61,66 +67,74 @@ import data
 import embedded
 import runs
 
-# ---- flags (None: the dataset's default, see runs.EMBEDDED and runs.REAL)
-parser = runs.Parser(__doc__)
-parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
-parser.add_argument("--data-root", help="dataset folder (embedded: data/embedded, generated on first use)")
+# ---- defaults of the two settings: --dataset embedded takes the first, any other dataset the second
+EMBEDDED = {  # the generated data and the tiny CLIP on 2 CPU cores, as baseline.py
+    "data_root": "data/embedded", "model": "nc-tiny", "pretrained": None, "noise": 0.4,
+    "epochs": 3, "batch_size": 128, "lr": 5e-4, "warmup": 50, "workers": 0,
+}
+REAL = {  # Flickr30K, MS-COCO, CC120K on a GPU: the official settings, except the lr (as baseline.py)
+    "data_root": None, "model": "ViT-B-32", "pretrained": "openai", "noise": 0.4,
+    "epochs": 5, "batch_size": 256, "lr": 1e-5, "warmup": 500, "workers": 8,
+}
+
+# ---- flags (-h shows every default; None here: the setting's value, from the dicts above)
+parser = runs.Parser(__doc__, EMBEDDED, REAL)
+parser.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="the data")
+parser.add_argument("--data-root", help="dataset folder (embedded: generated on first use)")
 parser.add_argument("--noise", type=float, help="share of training captions shuffled, in [0, 1)")
-parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise permutation (apart from --seed)")
+parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise permutation")
 parser.add_argument("--model", help="open_clip model name (nc-tiny: the embedded CPU model)")
-parser.add_argument("--pretrained", help="open_clip tag (openai), a local weights file, or none")
+parser.add_argument("--pretrained", help="open_clip tag, weights file or none (embedded None: the tiny CLIP)")
 parser.add_argument("--epochs", type=int, help="training epochs")
 parser.add_argument("--batch-size", type=int, help="pairs per optimiser step, over all processes")
-parser.add_argument("--lr", type=float, help="peak learning rate of AdamW (the look-ahead uses the same)")
+parser.add_argument("--lr", type=float, help="peak learning rate of AdamW (the look-ahead's too)")
 parser.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
-parser.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (official: 0.2)")
-parser.add_argument("--seed", type=int, default=99, help="training seed (official: 99)")
-parser.add_argument("--workers", type=int, help="DataLoader worker processes")
-parser.add_argument("--out-dir", help="log.txt, results.json, checkpoints (default: out/<method>-<dataset>-n<noise>)")
-parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-parser.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt (the bank is rebuilt)")
-parser.add_argument("--overwrite", action="store_true", help="delete the run already in out-dir and start again")
-parser.add_argument("--bank-threshold", type=float, default=0.9, help="clean set: GMM clean posterior above this (official: 0.9)")
-parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time (default: decode once)")
-parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the training forwards (default: bf16 on CUDA)")
-parser.add_argument("--compile", action="store_true", help="torch.compile the training forwards and backwards of A and A'")
-parser.add_argument("--official-form", action="store_true", help="batch-mean weight and constant memory term, as the official code")
+parser.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay, official")
+parser.add_argument("--seed", type=int, default=99, help="training seed, official")
+parser.add_argument("--workers", type=int, help="DataLoader worker processes (at most the cores)")
+parser.add_argument("--out-dir", help="log, checkpoints, results (default: out/<method>-<dataset>-n<noise>)")
+parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if there is a GPU)")
+parser.add_argument("--resume", action="store_true", help="continue the run in out-dir (the bank is rebuilt)")
+parser.add_argument("--overwrite", action="store_true", help="delete the run already in out-dir, start again")
+parser.add_argument("--bank-threshold", type=float, default=0.9, help="clean set: p_clean above it, official")
+parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time")
+parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of forwards (CUDA default: bf16)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training passes of A and A'")
+parser.add_argument("--official-form", action="store_true", help="official loss: batch-mean w, constant L_mb")
 
 
 # ---- the memory bank, once, from the starting model
 def nearest(queries, keys, chunk=2048):
-    """Index of the key with the highest dot product, for each query: (Q, D), (K, D) -> (Q,) numpy, in chunks of
-    queries shared among the processes under DDP."""
+    """Index of the key with the highest dot product, for each query: (Q, D), (K, D) -> (Q,) numpy, in chunks
+    of queries shared among the processes under DDP."""
     return common.chunked(lambda lo, hi: (queries[lo:hi] @ keys.T).argmax(1), len(queries), chunk).numpy()
 
 
 def neighbours(img, txt, owner, clean):
-    """For every pair k: bank_img[k], the clean pair whose image is nearest to k's image, and bank_txt[k], the clean
-    pair whose caption is nearest to k's caption (cosine; a clean pair is its own text-side neighbour).
-    img (n_img, D), txt (N, D) normalised, owner (N,) image of each pair, clean (C,) pair indices -> two (N,) arrays."""
+    """For every pair k: bank_img[k], the clean pair whose image is nearest to k's image, and bank_txt[k], the
+    clean pair whose caption is nearest to k's caption (cosine; a clean pair is its own text-side neighbour).
+    img (n_img, D), txt (N, D) normalised, owner (N,) image of each pair, clean (C,) pair indices
+    -> bank_img, bank_txt (N,)."""
     c = torch.as_tensor(clean, device=img.device)
     nearest_image = nearest(img, img[owner[c]])  # (n_img,) index into clean of the nearest clean image
     return clean[nearest_image[owner.cpu().numpy()]], clean[nearest(txt, txt[c])]
 
 
-def memory_bank(model, train, is_noisy, args, pixels, tokenizer, device, log):
-    """NPC's memory bank from the starting model: per-sample losses, GMM, clean set C = {k : p_clean(l_k) > threshold},
-    the neighbours of every pair in C. -> (bank_img, bank_txt) (N,) indices of training pairs, and the bank's stats."""
-    img, txt = common.features(model, train, pixels, tokenizer, device)  # (n_img, D), (N, D) normalised
-    owner = torch.as_tensor(train.img_of_cap, device=img.device)  # (N,) image of each caption slot
-    loss = common.pair_losses(img[owner], txt, model.logit_scale.exp().item(), args.batch_size, args.seed)  # (N,)
+def memory_bank(img, txt, owner, scale, is_noisy, args):
+    """NPC's memory bank from the starting model's features img (n_img, D), txt (N, D), owner (N,) and logit
+    scale: per-sample losses, GMM, clean set C = {k : p_clean(l_k) > threshold}, the neighbours of every pair
+    in C. -> bank_img, bank_txt (N,) indices of training pairs, and the bank's figures (against the true
+    mask)."""
+    loss = common.pair_losses(img[owner], txt, scale, args.batch_size, args.seed)  # (N,) l_k
     p_clean = common.gmm_clean_prob(loss)  # (N,) posterior of the low-loss component
     clean = np.flatnonzero(p_clean > args.bank_threshold)  # C, indices of training pairs
     if len(clean) == 0:
         raise data.UserError(f"the memory bank is empty: no pair has clean posterior > {args.bank_threshold}")
     bank_img, bank_txt = neighbours(img, txt, owner, clean)
+    auc = float(roc_auc_score(~is_noisy, p_clean)) if 0 < is_noisy.mean() < 1 else None
     stats = {"size": len(clean), "precision": float(1 - is_noisy[clean].mean()),
-             "recall": float((~is_noisy[clean]).sum() / max(1, (~is_noisy).sum())),
-             "auc": float(roc_auc_score(~is_noisy, p_clean)) if 0 < is_noisy.mean() < 1 else None,
+             "recall": float((~is_noisy[clean]).sum() / max(1, (~is_noisy).sum())), "auc": auc,
              "noisy_memory_pairs": float(np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]))}
-    log(f"memory bank: clean set {stats['size']} of {len(txt)} pairs (p_clean > {args.bank_threshold}), against the true "
-        f"mask precision {stats['precision']:.3f} recall {stats['recall']:.3f} AUC {stats['auc'] or float('nan'):.3f}; "
-        f"{stats['noisy_memory_pairs']:.1%} of the memory pairs are noisy")
     return bank_img, bank_txt, stats
 
 
@@ -139,9 +153,9 @@ class WithMemory(torch.utils.data.Dataset):
 
 # ---- the look-ahead and the weight
 def memory_losses(model, images, tokens):
-    """l_I, l_T (B,): InfoNCE among the B image-side and among the B text-side memory pairs, images and tokens (2B, ...)
-    in that order; in fp32 and without gradient, whatever the autocast around it (a look-ahead step moves them by
-    about as much as bf16 rounding would)."""
+    """l_I, l_T (B,): InfoNCE among the B image-side and among the B text-side memory pairs, images and tokens
+    (2B, ...) in that order; in fp32 and without gradient, whatever the autocast around it (a look-ahead step
+    moves them by about as much as bf16 rounding would)."""
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         img, txt, scale = model(images, tokens)  # (2B, D), (2B, D), ()
         l_I, l_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(2), txt.chunk(2)))
@@ -150,7 +164,7 @@ def memory_losses(model, images, tokens):
 
 @torch.no_grad()
 def copy_into(siamese, siamese_opt, model, opt):
-    """A' <- A: weights, AdamW state and learning rate copied in place (state tensors are allocated at the first copy)."""
+    """A' <- A: weights, AdamW state and learning rate, copied in place (state tensors: made at first)."""
     for group_s, group in zip(siamese_opt.param_groups, opt.param_groups):
         group_s["lr"] = group["lr"]
     for q, p in zip(siamese.parameters(), model.parameters()):
@@ -161,7 +175,7 @@ def copy_into(siamese, siamese_opt, model, opt):
 
 
 def npc_weight(l_I, l_T, l_I_after, l_T_after):
-    """NPC's weight from the memory losses before and after the look-ahead, each (B,) -> w (B,), no gradient."""
+    """NPC's weight from the memory losses before and after the look-ahead, each (B,) -> w (B,), detached."""
     # ---- EXERCISE npc_weight: l_I, l_T, l_I_after, l_T_after (B,) -> w (B,) ----
     # A step on pair i that raises the loss of its clean memory pairs (a ratio below 1) would harm the model.
     r_img = l_I / l_I_after  # (B,) l^I_i(t) / l^I_i(t+1), image-side memory pair
@@ -173,14 +187,15 @@ def npc_weight(l_I, l_T, l_I_after, l_T_after):
 
 
 def main():
-    method = "npc-official" if "--official-form" in sys.argv else "npc"
-    args = runs.parse(parser, method)
+    args = parser.parse_args()  # with the defaults of the setting --dataset picks, checked (runs.Parser)
+    method = "npc-official" if args.official_form else "npc"
+    runs.claim_out_dir(args, method)  # refuses a folder holding another run, unless --resume or --overwrite
 
     # ---- setup
     device = common.setup(args)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")  # fp32 weights
     log = runs.logger(args.out_dir)
-    log(f"{method}: {vars(args)}")
+    runs.log_flags(log, method, args)
     weights = args.pretrained  # args stay as given: --resume compares them with the checkpoint's
     if args.dataset == "embedded" and weights is None:
         weights = embedded.prepare(args.data_root, device, log)  # the data and the tiny CLIP, on first use
@@ -191,27 +206,43 @@ def main():
     log(f"data: {len(train.paths)} train images, {len(is_noisy)} captions, {is_noisy.mean():.3f} noisy "
         f"(asked {args.noise}); dev {len(dev.paths)}, test {len(test.paths)} images")
     model, preprocess, tokenizer = common.load_model(args.model, weights, device, log)
-    pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(args.data_root), args.workers)
+    cache = None if args.no_image_cache else data.cache_dir(args.data_root)
+    pixels = data.Pixels(preprocess, cache, args.workers)
+    evaluate = functools.partial(common.evaluate, pixels=pixels, tokenizer=tokenizer, device=device)
 
     # ---- the memory bank (from the starting model, also on --resume), and the siamese copy
-    bank_img, bank_txt, bank = memory_bank(model, train, is_noisy, args, pixels, tokenizer, device, log)
-    loader = common.loader(WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt), args.batch_size,
-                         args.workers, args.seed)
+    img, txt = common.features(model, train, pixels, tokenizer, device)  # (n_img, D), (N, D) normalised
+    owner = torch.as_tensor(train.img_of_cap, device=img.device)  # (N,) the image of each pair
+    scale = model.logit_scale.exp().item()
+    bank_img, bank_txt, bank = memory_bank(img, txt, owner, scale, is_noisy, args)
+    log(f"memory bank: clean set {bank['size']} of {len(txt)} pairs (p_clean > {args.bank_threshold}); "
+        f"against the true mask precision {bank['precision']:.3f} recall {bank['recall']:.3f}")
+    log(f"memory bank: AUC {bank['auc'] or float('nan'):.3f}; "
+        f"{bank['noisy_memory_pairs']:.1%} of the memory pairs are noisy")
+    pairs = WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
+    loader = runs.loader(pairs, args.batch_size, args.workers, args.seed)
     if len(loader) == 0:
         raise data.UserError(f"{len(is_noisy)} training pairs make no full batch of {args.batch_size}")
     siamese = copy.deepcopy(model).train()
-    opt, siamese_opt = common.optimizer(model, args.lr, args.wd), common.optimizer(siamese, args.lr, args.wd)
-    ddp = torch.nn.parallel.DistributedDataParallel
-    net, siamese_net = (ddp(model), ddp(siamese)) if common.world() > 1 else (model, siamese)
+    opt = runs.optimizer(model, args.lr, args.wd)
+    siamese_opt = runs.optimizer(siamese, args.lr, args.wd)
+    net = model
+    siamese_net = siamese
+    if common.world() > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        siamese_net = torch.nn.parallel.DistributedDataParallel(siamese)
     if args.compile:  # the fp32 memory passes stay eager: they call model and siamese directly
-        net, siamese_net = torch.compile(net), torch.compile(siamese_net)
+        net = torch.compile(net)
+        siamese_net = torch.compile(siamese_net)
     total = args.epochs * len(loader)
-    start, best, history = runs.resume(args, model, opt) if args.resume else (0, -1.0, [])
-    if start == 0:
-        history.append({"epoch": 0, "dev": common.evaluate(model, dev, pixels, tokenizer, device)})
-        log(f"start: dev {common.fmt(history[0]['dev'])}")
+    start = 0
+    history = []
+    if args.resume:
+        start, history = runs.resume(args, model, opt)
+        log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}; memory bank rebuilt from the start")
     else:
-        log(f"resumed from {args.out_dir}/last.pt at epoch {start + 1}; memory bank rebuilt from the starting model")
+        history.append({"epoch": 0, "dev": evaluate(model, dev)})
+        log(f"start: dev {common.fmt(history[0]['dev'])}")
 
     # ---- training
     for epoch in range(start, args.epochs):
@@ -219,44 +250,50 @@ def main():
         common.start_epoch(loader, args, epoch)
         t0, losses, ws, ks = time.time(), [], [], []
         for i, (images, tokens, k, images_I, tokens_I, images_T, tokens_T) in enumerate(loader):
-            lr = common.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
-            images, tokens = pixels.normalize(images.to(device)), tokens.to(device)  # (B, ...) the batch
-            memory = pixels.normalize(torch.cat([images_I, images_T]).to(device)), torch.cat([tokens_I, tokens_T]).to(device)
+            lr = runs.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
+            images = pixels.normalize(images.to(device))  # (B, 3, H, W) the batch
+            tokens = tokens.to(device)  # (B, L)
+            memory_images = pixels.normalize(torch.cat([images_I, images_T]).to(device))  # (2B, 3, H, W)
+            memory_tokens = torch.cat([tokens_I, tokens_T]).to(device)  # (2B, L) image side, then text side
             # the memory losses before the look-ahead, under A (A' equals A until its step), fp32
-            l_I, l_T = memory_losses(model, *memory)  # (B,) each
+            l_I, l_T = memory_losses(model, memory_images, memory_tokens)  # (B,) each
             # look-ahead: A' <- A, one step of A' on the batch, then the memory losses again under A'
             copy_into(siamese, siamese_opt, model, opt)
             with amp:
                 lookahead_loss = common.info_nce(*siamese_net(images, tokens)).mean()
-            common.train_step(siamese_net, siamese_opt, lookahead_loss)
-            l_I_after, l_T_after = memory_losses(siamese, *memory)  # (B,) each
+            runs.train_step(siamese_net, siamese_opt, lookahead_loss)
+            l_I_after, l_T_after = memory_losses(siamese, memory_images, memory_tokens)  # (B,) each
             w = npc_weight(l_I, l_T, l_I_after, l_T_after)  # (B,)
             # the batch and its memory pairs under A, one forward with gradient: l, m_I, m_T (B,) each
             with amp:
-                img, txt, scale = net(torch.cat([images, memory[0]]), torch.cat([tokens, memory[1]]))  # (3B, D), (3B, D), ()
+                img, txt, scale = net(torch.cat([images, memory_images]), torch.cat([tokens, memory_tokens]))
                 l, m_I, m_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(3), txt.chunk(3)))
             if args.official_form:  # one weight scale per batch; the memory term a constant
                 loss = w.mean() * l.mean() + (m_I + m_T).mean().detach()
             else:  # L = mean_i w_i l_i + mean_i (m_I_i + m_T_i)
                 loss = (w * l).mean() + (m_I + m_T).mean()
-            common.train_step(net, opt, loss)
+            runs.train_step(net, opt, loss)
             losses.append(loss.item())
             ws.append(common.gather(w))
             ks.append(common.gather(k.to(device)))
-        w, noisy = torch.cat(ws).cpu().numpy(), is_noisy[torch.cat(ks).cpu().numpy()]
+        train_s = time.time() - t0
+        w = torch.cat(ws).cpu().numpy()  # (pairs trained on this epoch,) NPC's weight of each
+        noisy = is_noisy[torch.cat(ks).cpu().numpy()]  # which of them were noisy
         stats = {"loss": common.global_mean(losses), "w_mean": float(w.mean()), "w_std": float(w.std()),
                  "w_clean": float(w[~noisy].mean()) if (~noisy).any() else None,
-                 "w_noisy": float(w[noisy].mean()) if noisy.any() else None, "w_below_1": float((w < 1).mean())}
-        train_s, dev_r = time.time() - t0, common.evaluate(model, dev, pixels, tokenizer, device)
+                 "w_noisy": float(w[noisy].mean()) if noisy.any() else None,
+                 "w_below_1": float((w < 1).mean())}
+        dev_r = evaluate(model, dev)
         history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r})
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} sd {stats['w_std']:.3f} "
-            f"(clean {stats['w_clean'] or float('nan'):.3f}, noisy {stats['w_noisy'] or float('nan'):.3f}, "
-            f"{stats['w_below_1']:.0%} below 1)  lr {lr:.2e}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
-        best = runs.save_epoch(args, method, model, opt, epoch, best, history)
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} "
+            f"sd {stats['w_std']:.3f} (clean {stats['w_clean'] or float('nan'):.3f}, "
+            f"noisy {stats['w_noisy'] or float('nan'):.3f}, {stats['w_below_1']:.0%} below 1)  lr {lr:.2e}")
+        log(f"epoch {epoch + 1}/{args.epochs}  train {train_s:5.1f}s  dev {common.fmt(dev_r)}")
+        runs.save_epoch(args, method, model, opt, history)
 
     # ---- test with the best dev checkpoint
-    runs.finish(args, method, model, test, pixels, tokenizer, device, log, history,
-                  extra={"noise_rate": float(is_noisy.mean()), "memory_bank": bank})
+    extra = {"noise_rate": float(is_noisy.mean()), "memory_bank": bank}
+    runs.finish(args, method, model, evaluate, test, history, extra=extra)
 
 
 if __name__ == "__main__":

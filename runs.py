@@ -1,16 +1,19 @@
-"""One training run of a script: the shared flags and their dataset defaults, the checks made before any work, the
-rules of the output folder, the per-epoch checkpoints, and the final test with results.json. Definitions only.
+"""One training run of a script: the parser of its flags (each script gives its own defaults), the checks made
+before any work, the rules of the output folder, the training pieces (batches, AdamW, the schedule, a step),
+the per-epoch checkpoints, and the final test with results.json. Definitions only.
 
-The output folder's rules: a fresh run refuses a folder that already holds a run (a checkpoint or results.json),
-unless --overwrite, which deletes that run's files first. --resume continues the run in the folder only when every
-flag that changes what it computes is the one it was started with; a resume of a finished run says so and exits 0,
-rewriting nothing.
+The output folder's rules: a fresh run refuses a folder that already holds a run (a checkpoint or
+results.json), unless --overwrite, which deletes that run's files first. --resume continues the run in the
+folder only when every flag that changes what it computes is the one it was started with; a resume of a
+finished run says so and exits 0, rewriting nothing.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -20,52 +23,65 @@ import common
 import data
 from data import UserError
 
-# ---- The defaults that depend on the dataset. Each script declares its flags at its top.
-EMBEDDED = {"data_root": "data/embedded", "model": "nc-tiny", "pretrained": None, "epochs": 3, "batch_size": 128, "lr": 5e-4,
-            "warmup": 50, "workers": 0, "noise": 0.4}
-REAL = {"model": "ViT-B-32", "pretrained": "openai", "epochs": 5, "batch_size": 256, "lr": 1e-5, "warmup": 500, "workers": 8, "noise": 0.4}
 # flags that change how a run goes but not what it computes: a resume may change them
 HOW = ("resume", "overwrite", "out_dir", "device", "workers", "no_image_cache", "compile", "plot")
 RUN_FILES = ("last.pt", "best.pt", "results.json")  # a folder holding one of these holds a run
-WRITTEN = (*RUN_FILES, "log.txt", "similarity_epoch*.png", "*.tmp")  # everything a script writes in its folder
+WRITTEN = (*RUN_FILES, "log.txt", "similarity_epoch*.png", "*.tmp")  # all a script writes in its folder
 
 
-class Parser(argparse.ArgumentParser):  # the dataset defaults in -h; errors in one line, like all bad input
-    def __init__(self, doc, embedded=None, real=None):  # embedded, real: a script's own changes to the defaults
-        self.defaults = {"embedded": dict(EMBEDDED, **(embedded or {})), "real": dict(REAL, **(real or {}))}
-        super().__init__(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-                         epilog=f"embedded defaults: {self.defaults['embedded']}\nreal-data defaults: {self.defaults['real']} (cc120k: noise 0)")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with every error in one line (exit 2), like all bad input; for eval.py and bench.py."""
+
+    def __init__(self, doc, epilog=None):
+        super().__init__(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False, epilog=epilog)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see -h)\n")
 
 
-def parse(p, script):
-    """Parse the flags, fill the defaults of the chosen dataset (None in the parser), check them and the output
-    folder before any work. Exits 0 on the resume of a finished run."""
-    args = p.parse_args()
-    kind = "embedded" if args.dataset == "embedded" else "real"
-    defaults = dict(p.defaults[kind], **({"noise": 0.0} if args.dataset == "cc120k" else {}))
-    defaults["workers"] = min(defaults["workers"], len(os.sched_getaffinity(0)))  # no more workers than cores
-    applied = {k: v for k, v in defaults.items() if getattr(args, k) is None}
-    for k, v in applied.items():
-        setattr(args, k, v)
-    if args.data_root is None and args.dataset != "embedded":
-        raise UserError(f"--data-root is required for --dataset {args.dataset}")
-    check_flags(args)
-    args.device = common.check_device(args.device)
-    # the autocast of the training forwards: bf16 on CUDA, none on the CPU, unless --precision says
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.out_dir = args.out_dir or f"out/{script}-{args.dataset}-n{args.noise:g}"
-    check_out_dir(Path(args.out_dir))
-    if args.resume:
-        check_resume(args, script)
-    else:
-        start_fresh(args)
-    if os.environ.get("RANK", "0") == "0":  # which defaults apply, and why (the full flags go to log.txt)
-        setting = "embedded" if kind == "embedded" else "real-data"
-        print(f"defaults of the {setting} setting, which --dataset {args.dataset} picks (not --model): {applied}")
-    return args
+class Parser(OneLineParser):
+    """A training script's flags. embedded, real: the script's defaults in the two settings; --dataset
+    embedded picks the first, any other dataset the second. -h shows both beside each flag. parse_args()
+    fills in the setting's value of every flag not given, and checks the shared flags (one line, exit 2)."""
+
+    def __init__(self, doc, embedded, real):
+        self.settings = {"embedded": embedded, "real": real}
+        super().__init__(doc, epilog="cc120k has no added noise by default (--noise 0).")
+
+    def add_argument(self, *names, help="", **kwargs):
+        """Each flag's help ends with its default: the two settings' values where the script gives them."""
+        dest = names[0].lstrip("-").replace("-", "_")
+        if dest in self.settings["embedded"]:  # its default is None: parse_args fills in the setting's value
+            embedded, real = self.settings["embedded"][dest], self.settings["real"][dest]
+            help += f" (embedded: {embedded}; real data: {real})"
+        elif kwargs.get("default") is not None and "action" not in kwargs:  # not -h, not a switch
+            help += f" (default: {kwargs['default']})"
+        return super().add_argument(*names, help=help, **kwargs)
+
+    def parse_args(self, argv=None, namespace=None):
+        """The flags, with the defaults of the setting --dataset picks, checked before any work."""
+        args = super().parse_args(argv, namespace)
+        setting = "embedded" if args.dataset == "embedded" else "real"
+        defaults = dict(self.settings[setting])
+        if args.dataset == "cc120k":
+            defaults["noise"] = 0.0  # its captions are noisy already
+        defaults["workers"] = min(defaults["workers"], len(os.sched_getaffinity(0)))  # at most the cores
+        taken = {k: v for k, v in defaults.items() if getattr(args, k) is None}
+        for k, v in taken.items():
+            setattr(args, k, v)
+        if args.data_root is None and args.dataset != "embedded":
+            raise UserError(f"--data-root is required for --dataset {args.dataset}")
+        check_flags(args)
+        args.device = common.check_device(args.device)
+        # the autocast of the training forwards: bf16 on CUDA, none on the CPU, unless --precision says
+        args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+        if os.environ.get("RANK", "0") == "0":  # which defaults apply, and why (all the flags go to log.txt)
+            name = "embedded" if setting == "embedded" else "real-data"
+            line = f"defaults of the {name} setting, which --dataset {args.dataset} picks (not --model): "
+            line += str(taken)
+            print("\n".join(textwrap.wrap(line, 120, subsequent_indent="  ")))
+        return args
 
 
 def check_flags(args):
@@ -73,7 +89,7 @@ def check_flags(args):
     if not 0 <= args.noise < 1:
         raise UserError(f"--noise must be in [0, 1), got {args.noise}")
     if args.batch_size < 2:
-        raise UserError(f"--batch-size must be 2 or more (a batch of 1 has no negatives and trains nothing), "
+        raise UserError("--batch-size must be 2 or more (a batch of 1 has no negatives and trains nothing), "
                         f"got {args.batch_size}")
     if args.epochs < 1:
         raise UserError(f"--epochs must be 1 or more, got {args.epochs}")
@@ -82,7 +98,20 @@ def check_flags(args):
         if not 0 <= value < float("inf"):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.resume and args.overwrite:
-        raise UserError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
+        raise UserError("--resume continues the run in --out-dir and --overwrite deletes it: give one of "
+                        "them")
+
+
+def claim_out_dir(args, method):
+    """The run's folder (default out/<method>-<dataset>-n<noise>): checked, then either resumed (--resume: the
+    run there must have the same flags; a finished one exits 0) or started afresh (a folder holding a run
+    refuses, unless --overwrite)."""
+    args.out_dir = args.out_dir or f"out/{method}-{args.dataset}-n{args.noise:g}"
+    check_out_dir(Path(args.out_dir))
+    if args.resume:
+        check_resume(args, method)
+    else:
+        start_fresh(args)
 
 
 def check_out_dir(out):
@@ -94,12 +123,12 @@ def check_out_dir(out):
         raise UserError(f"--out-dir {out}: {parent} is not writable")
 
 
-def check_resume(args, script):
-    """--resume: the checkpoint must be this script's, of a run with the same flags; a finished run exits 0."""
+def check_resume(args, method):
+    """--resume: the checkpoint must be this method's, of a run with the same flags; a finished run exits."""
     ck = common.load_checkpoint(Path(args.out_dir) / "last.pt", mmap=True)
     saved = ck.get("args", {})
-    if ck.get("method") != script:
-        raise UserError(f"{args.out_dir}/last.pt is a {ck.get('method')} checkpoint, not {script}: "
+    if ck.get("method") != method:
+        raise UserError(f"{args.out_dir}/last.pt is a {ck.get('method')} checkpoint, not {method}: "
                         "resume it with its own script")
     for k, v in vars(args).items():
         if k not in HOW and saved.get(k) != v:
@@ -108,13 +137,15 @@ def check_resume(args, script):
                             "resume with its value, or start a new run in another --out-dir")
     if ck["epoch"] + 1 >= args.epochs and (Path(args.out_dir) / "results.json").is_file():
         if os.environ.get("RANK", "0") == "0":
-            print(f"{args.out_dir} holds a finished run ({args.epochs} epochs, results.json): nothing to resume")
+            print(f"{args.out_dir} holds a finished run ({args.epochs} epochs, results.json): "
+                  "nothing to resume")
         sys.exit(0)
 
 
 def start_fresh(args):
-    """A fresh run refuses a folder holding a run; with --overwrite it deletes that run's files first. The files of
-    a run that stopped before its first checkpoint (its log) are deleted without asking: they hold no result."""
+    """A fresh run refuses a folder holding a run; with --overwrite it deletes that run's files first. The
+    files of a run that stopped before its first checkpoint (its log) are deleted without asking: they hold
+    no result."""
     out = Path(args.out_dir)
     found = [f for f in RUN_FILES if (out / f).exists()]
     if found and not args.overwrite:
@@ -125,7 +156,7 @@ def start_fresh(args):
 
 
 def run(main):
-    """Call main(); a UserError (also one raised in a DataLoader worker) becomes one line and exit status 2."""
+    """Call main(); a UserError (also one raised in a DataLoader worker) becomes one line and exit 2."""
     try:
         main()
     except UserError as e:
@@ -146,43 +177,103 @@ def logger(out_dir):
     return log
 
 
+def log_flags(log, method, args):
+    """All the run's flags, in lines of 120 characters at most."""
+    for line in textwrap.wrap(f"{method}: {vars(args)}", 120, subsequent_indent="  "):
+        log(line)
+
+
+# ---- Training pieces: the batches, AdamW, the schedule, one step
+def loader(ds, batch_size, workers, seed):
+    """Shuffled batches of batch_size / W pairs in each of W processes, ordered by (seed, epoch) only."""
+    sampler = torch.utils.data.DistributedSampler(ds, common.world(), common.rank(), shuffle=True, seed=seed,
+                                                  drop_last=True)
+    return torch.utils.data.DataLoader(ds, batch_size // common.world(), sampler=sampler, num_workers=workers,
+                                       drop_last=True, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=workers > 0)
+
+
+def optimizer(model, lr, wd):
+    """AdamW, official betas and eps; no weight decay on gains, biases or logit_scale (as open_clip)."""
+    groups = {True: [], False: []}
+    for n, p in model.named_parameters():
+        groups[p.ndim >= 2 and "logit_scale" not in n].append(p)
+    params = [{"params": groups[True], "weight_decay": wd}, {"params": groups[False], "weight_decay": 0.0}]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def set_lr(opt, step, total, warmup, peak):
+    """Linear warm-up for `warmup` steps, then cosine decay to 0 at step `total`. Sets and returns the lr."""
+    if step < warmup:
+        lr = peak * (step + 1) / warmup
+    else:
+        lr = 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def train_step(model, opt, loss, clip=10.0):
+    """Backward, clip the gradient norm (official: 10), step, clamp the logit scale to ln(100). A loss that is
+    not finite stops the run in one line, before it reaches the weights or a checkpoint."""
+    if not torch.isfinite(loss):
+        step = int(next(iter(opt.state.values()), {}).get("step", 0)) + 1
+        lr = opt.param_groups[0]["lr"]
+        raise UserError(f"the loss is {loss.item()} at optimiser step {step} (lr {lr:g}): the run "
+                        "diverged and stopped; the checkpoints of its finished epochs are kept")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    with torch.no_grad():
+        getattr(model, "module", model).logit_scale.clamp_(0, math.log(100))
+
+
 # ---- Checkpoints of the epochs, and the final test
 def resume(args, model, opt):
-    """Restore model and optimiser from out_dir/last.pt (checked by parse) -> (next epoch, best dev rSum, history)."""
+    """Restore model and optimiser from out_dir/last.pt (checked by claim_out_dir). -> next epoch, history"""
     ck = common.load_checkpoint(Path(args.out_dir) / "last.pt")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    return ck["epoch"] + 1, ck["best"], ck["history"]
+    return ck["epoch"] + 1, ck["history"]
 
 
-def save_epoch(args, method, model, opt, epoch, best, history, extra=None):
-    """last.pt every epoch (with the optimiser), best.pt when the dev rSum of history[-1] beats best. -> new best."""
-    dev = history[-1]["dev"]["rsum"]
-    ck = dict(method=method, args=vars(args), model=model.state_dict(), epoch=epoch, best=max(best, dev), history=history,
-              **(extra or {}))
+def save_epoch(args, method, model, opt, history, extra=None):
+    """After the epoch history[-1]: last.pt (with the optimiser), and best.pt when its dev rSum beats every
+    earlier training epoch's (the starting model, epoch 0, does not compete: best.pt holds a trained
+    model)."""
+    dev = [h["dev"]["rsum"] for h in history if h["epoch"] > 0]  # the training epochs' dev rSum, this last
+    ck = dict(method=method, args=vars(args), model=model.state_dict(), epoch=history[-1]["epoch"] - 1,
+              best=max(dev), history=history, **(extra or {}))
     if common.rank() == 0:
-        if dev > best:
+        if dev[-1] > max(dev[:-1], default=-1.0):
             common.save_checkpoint(Path(args.out_dir) / "best.pt", ck)
         common.save_checkpoint(Path(args.out_dir) / "last.pt", dict(ck, optimizer=opt.state_dict()))
-    return max(best, dev)
 
 
-def finish(args, method, model, test, pixels, tokenizer, device, log, history, extra=None):
-    """Test the best-dev checkpoint, log it, write out_dir/results.json (whole). -> test recalls."""
+def finish(args, method, model, evaluate, test, history, extra=None):
+    """Test the best-dev checkpoint with evaluate(model, test), log it, and write out_dir/results.json (every
+    figure of the run, and extra). -> the test recalls."""
+    log = logger(args.out_dir)
     if common.world() > 1:
         dist.barrier()  # rank 0 has written best.pt
     ck = common.load_checkpoint(Path(args.out_dir) / "best.pt")
     model.load_state_dict(ck["model"])
-    r = common.evaluate(model, test, pixels, tokenizer, device, coco_1k=args.dataset == "coco")
+    r = evaluate(model, test, coco_1k=args.dataset == "coco")
     log(f"test (best dev epoch {ck['epoch'] + 1}): {common.fmt(r)}")
     if "coco1k" in r:
         log(f"test {common.fmt_1k(r['coco1k'], len(test.paths))}")
     start = history[0]["dev"]["rsum"] if history[0]["epoch"] == 0 else None
     if start is not None and ck["best"] <= start:
-        log(f"no training epoch beat the starting model's dev rSum ({start:.1f}; best epoch {ck['best']:.1f})")
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        log(f"no training epoch beat the starting model's dev rSum ({start:.1f}; best epoch "
+            f"{ck['best']:.1f})")
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()  # the tensors allocated
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak resident memory
     results = dict(method=method, args=vars(args), best_epoch=ck["epoch"] + 1, test=r, history=history,
-                   peak_memory_gib=peak / 2**30, **(extra or {}))  # CUDA: tensors allocated; CPU: the process's peak RSS
+                   peak_memory_gib=peak / 2**30, **(extra or {}))
     if common.rank() == 0:
-        data.atomic_write(Path(args.out_dir) / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+        text = json.dumps(results, indent=1).encode()
+        data.atomic_write(Path(args.out_dir) / "results.json", lambda f: f.write(text))
     return r

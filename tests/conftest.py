@@ -29,15 +29,15 @@ def run_script(script, *argv):
     """Run a project script in a subprocess from an empty folder (so the default data/embedded is never the
     repository's); returns the CompletedProcess, output captured as text."""
     with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd, capture_output=True,
-                              text=True, timeout=600, check=False)
+        return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd,
+                              capture_output=True, text=True, timeout=600, check=False)
 
 
 def stop_after_first_epoch(script, out_dir, *argv):
-    """Start a run and kill it (SIGKILL) once out_dir/last.pt exists: a run stopped after its first epoch, as a crash
-    or a lost machine leaves it, for --resume to continue."""
-    p = subprocess.Popen([sys.executable, str(ROOT / script), "--out-dir", str(out_dir), *map(str, argv)], cwd=out_dir,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start a run and kill it (SIGKILL) once out_dir/last.pt exists: a run stopped after its first epoch,
+    as a crash or a lost machine leaves it, for --resume to continue."""
+    p = subprocess.Popen([sys.executable, str(ROOT / script), "--out-dir", str(out_dir), *map(str, argv)],
+                         cwd=out_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (Path(out_dir) / "last.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)

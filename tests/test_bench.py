@@ -1,4 +1,5 @@
-"""bench.py --quick: every method at noise 0.4 on small data, the table checked against each run's own results."""
+"""bench.py --quick: every method at noise 0.4 on small data, the table checked against each run's
+own results."""
 import json
 import shutil
 import subprocess
@@ -7,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, run_script
 
-COLUMNS = ["noise", "method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum", "% of clean-only", "detection AUC",
-           "s / epoch", "x baseline", "peak GiB"]
+COLUMNS = ["noise", "method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum", "% of clean-only",
+           "detection AUC", "s / epoch", "x baseline", "peak GiB"]
 
 
 def _table(path):
@@ -25,15 +26,18 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     res = {m: json.loads((tmp_path / f"{m}-n0.4" / "results.json").read_text()) for m in rows}
     for m, cells in rows.items():
         r, args = res[m]["test"], res[m]["args"]
-        assert (args["noise"], args["epochs"], args["batch_size"], args["seed"], args["noise_seed"]) == (0.4, 1, 32, 99, 0)
+        budget = (args["noise"], args["epochs"], args["batch_size"], args["seed"], args["noise_seed"])
+        assert budget == (0.4, 1, 32, 99, 0)
         assert [float(c) for c in cells[2:9]] == pytest.approx(
             [r[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")], abs=0.051)
         assert float(cells[9]) == pytest.approx(100 * r["rsum"] / res["clean"]["test"]["rsum"], abs=0.051)
         assert (cells[10] == "-") == (m in ("clean", "baseline"))
-        assert m in ("clean", "baseline") or 0.5 < float(cells[10]) <= 1  # the noisy pairs are found better than chance
+        # the noisy pairs are found better than chance
+        assert m in ("clean", "baseline") or 0.5 < float(cells[10]) <= 1
         assert float(cells[11]) > 0 and float(cells[13]) > 0
     assert float(rows["baseline"][12]) == 1.0
-    assert res["clean"]["method"] == "baseline-clean" and res["nlip"]["args"]["pretrained"].endswith("nc-tiny-pretrained.pt")
+    assert res["clean"]["method"] == "baseline-clean"
+    assert res["nlip"]["args"]["pretrained"].endswith("nc-tiny-pretrained.pt")
     summary = json.loads((tmp_path / "bench.json").read_text())
     assert len(summary["runs"]) == 5 and summary["budget"]["epochs"] == 1
 
@@ -41,15 +45,17 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reused") == 5 and _table(tmp_path / "table.md") == rows
 
-    # the same command from a checkout whose code differs (one comment added to common.py): the cell is run again
+    # the same command from a checkout whose code differs (one comment added to common.py):
+    # the cell is run again
     code = tmp_path / "changed-code"
     code.mkdir()
     for f in ROOT.glob("*.py"):
         shutil.copy(f, code / f.name)
     with open(code / "common.py", "a") as f:
         f.write("# a change\n")
-    changed = subprocess.run([sys.executable, str(code / "bench.py"), "--quick", "--methods", "baseline", "--data-root",
-                              str(embedded), "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    argv = [sys.executable, str(code / "bench.py"), "--quick", "--methods", "baseline", "--data-root",
+            str(embedded), "--out-dir", str(tmp_path)]
+    changed = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert changed.returncode == 0, changed.stderr
     assert "reused" not in changed.stdout and "baseline noise 0.4: done in" in changed.stdout
 

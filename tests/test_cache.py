@@ -1,5 +1,5 @@
-"""The decode-once image cache: the same tensors as open_clip's PIL preprocess, built once and reused, rebuilt when
-the images or the transform change, written whole, and working from a read-only data root."""
+"""The decode-once image cache: the same tensors as open_clip's PIL preprocess, built once and reused, rebuilt
+when the images or the transform change, written whole, and working from a read-only data root."""
 import os
 
 import numpy as np
@@ -22,7 +22,8 @@ def f30k(tmp_path_factory):
 
 
 def _preprocess(size):
-    return open_clip.image_transform(size, is_train=False)  # what create_model_and_transforms gives ViT-B-32 at 224
+    # what create_model_and_transforms gives ViT-B-32 at 224
+    return open_clip.image_transform(size, is_train=False)
 
 
 @pytest.mark.parametrize("size", [224, 64])
@@ -33,14 +34,15 @@ def test_cached_and_decoded_images_equal_open_clips_preprocess(f30k, tmp_path, s
     decoded = data.Pixels(preprocess).images(split.paths)
     for i in range(len(split.paths)):
         with Image.open(split.paths[i]) as im:
-            want = preprocess(im.convert("RGB"))  # (3, size, size) float, the per-sample PIL path of open_clip
+            want = preprocess(im.convert("RGB"))  # (3, size, size) float, open_clip's per-sample PIL path
         got = cached[i][0]
         assert got.dtype == torch.uint8 and got.shape == (3, size, size)
         assert torch.equal(decoded[i][0], got)
         assert torch.equal(data.Pixels(preprocess).normalize(got[None])[0], want)  # the same float operations
 
 
-def test_the_cache_is_built_once_and_rebuilt_when_the_images_or_the_transform_change(f30k, tmp_path, monkeypatch):
+def test_the_cache_is_built_once_and_rebuilt_when_the_images_or_the_transform_change(f30k, tmp_path,
+                                                                                      monkeypatch):
     paths = data.load_split("f30k", f30k, "train").paths
     builds = []
     build = data.build_cache
@@ -53,7 +55,8 @@ def test_the_cache_is_built_once_and_rebuilt_when_the_images_or_the_transform_ch
     smaller = data.Pixels(_preprocess(96), tmp_path).images(paths)  # another input size
     assert len(builds) == 3 and len({first.path, fewer.path, smaller.path}) == 3
     assert len(fewer) == len(paths) - 1 and smaller[0][0].shape == (3, 96, 96)
-    assert sorted(p.name for p in (tmp_path / "image-cache").iterdir()) == sorted(p.name for p in builds)  # no temp files
+    files = sorted(p.name for p in (tmp_path / "image-cache").iterdir())
+    assert files == sorted(p.name for p in builds)  # no temp files
 
 
 def test_a_failed_build_leaves_no_cache_file(f30k, tmp_path):
@@ -66,8 +69,9 @@ def test_a_failed_build_leaves_no_cache_file(f30k, tmp_path):
 
 
 def test_a_read_only_data_root_keeps_its_caches_elsewhere(embedded, tmp_path, monkeypatch):
-    """Noise permutation and decoded images go to $NC_CACHE when the data root cannot be written; nothing is written
-    under the root. (As root, permission bits do not stop writes: then os.access is made to read them.)"""
+    """Noise permutation and decoded images go to $NC_CACHE when the data root cannot be written; nothing
+    is written under the root. (As root, permission bits do not stop writes: then os.access is made to
+    read them.)"""
     root = tmp_path / "data"
     root.mkdir()
     (root / "images").symlink_to(embedded / "images")
@@ -76,7 +80,8 @@ def test_a_read_only_data_root_keeps_its_caches_elsewhere(embedded, tmp_path, mo
     root.chmod(0o555)
     if os.geteuid() == 0:
         access = os.access
-        monkeypatch.setattr(data.os, "access", lambda p, mode: access(p, mode) and os.stat(p).st_mode & 0o222 != 0)
+        monkeypatch.setattr(data.os, "access",
+                            lambda p, mode: access(p, mode) and os.stat(p).st_mode & 0o222 != 0)
     monkeypatch.setenv("NC_CACHE", str(tmp_path / "user-cache"))
     try:
         train, is_noisy = data.noisy_train("embedded", root, 0.4, 0)
@@ -92,7 +97,8 @@ def test_a_read_only_data_root_keeps_its_caches_elsewhere(embedded, tmp_path, mo
 
 def test_features_are_the_same_with_and_without_the_cache(embedded, tmp_path):
     weights = str(embedded / "nc-tiny-pretrained.pt")
-    model, preprocess, tokenizer = common.load_model("nc-tiny", weights, torch.device("cpu"), log=lambda line: None)
+    model, preprocess, tokenizer = common.load_model("nc-tiny", weights, torch.device("cpu"),
+                                                     log=lambda line: None)
     dev = data.load_split("embedded", embedded, "dev")
     cached = common.features(model, dev, data.Pixels(preprocess, tmp_path), tokenizer, torch.device("cpu"))
     decoded = common.features(model, dev, data.Pixels(preprocess), tokenizer, torch.device("cpu"))
@@ -100,7 +106,8 @@ def test_features_are_the_same_with_and_without_the_cache(embedded, tmp_path):
 
 
 def test_building_the_cache_leaves_the_global_random_generator_alone(f30k, tmp_path):
-    """embedded.pretrain_tiny builds its cache on first use, then shuffles: a build must not change what it draws."""
+    """embedded.pretrain_tiny builds its cache on first use, then shuffles: a build must not change
+    what it draws."""
     paths = data.load_split("f30k", f30k, "dev").paths
     torch.manual_seed(0)
     want = torch.rand(3)

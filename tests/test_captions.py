@@ -1,17 +1,21 @@
-"""BLEU-4 and CIDEr-D against values from pycocoevalcap, and properties that hold whatever the implementation."""
+"""BLEU-4 and CIDEr-D against values from pycocoevalcap, and properties that hold whatever the
+implementation."""
 import pytest
 
 import captions
 from captions import bleu4, cider, tokenize
 
 REFS = [
-    ["A man is riding a horse on the beach.", "A person rides a brown horse along the shore.", "Man on horseback at the beach."],
+    ["A man is riding a horse on the beach.", "A person rides a brown horse along the shore.",
+     "Man on horseback at the beach."],
     ["Two dogs play with a red ball in the grass.", "A pair of dogs chasing a ball on a lawn.",
      "Two brown dogs are playing in a field.", "Dogs running after a red ball."],
     ["A plate of food with broccoli and rice.", "A white plate topped with rice, broccoli and chicken."],
     ["A red double decker bus driving down a city street.", "A bus is driving down the street in the city.",
-     "A large red bus on a busy street.", "A double-decker bus on the road.", "The red bus is parked near the sidewalk."],
-    ["A kitchen with wooden cabinets and a stove.", "A small kitchen has a white refrigerator.", "Kitchen area with an oven and cabinets."],
+     "A large red bus on a busy street.", "A double-decker bus on the road.",
+     "The red bus is parked near the sidewalk."],
+    ["A kitchen with wooden cabinets and a stove.", "A small kitchen has a white refrigerator.",
+     "Kitchen area with an oven and cabinets."],
 ]
 # exact match, partial and shorter, unrelated but sharing "a"/"of", long, unrelated and short
 CANDS = [
@@ -21,14 +25,15 @@ CANDS = [
     "A red bus driving down a street in a big busy city with many people walking",
     "Zebras grazing",
 ]
-# shorter in total than the references, so the brevity penalty acts: image 2's closest reference (9 words) is not its
-# shortest (8), image 3 (7 words) ties between references of 6 and 8; "dogs dogs" exercises CIDEr's clipping
+# shorter in total than the references, so the brevity penalty acts: image 2's closest reference (9 words)
+# is not its shortest (8), image 3 (7 words) ties between references of 6 and 8; "dogs dogs" exercises
+# CIDEr's clipping
 SHORT = ["A horse on the beach", "Dogs dogs with a ball", "A white plate with chicken and rice on it",
          "A red bus driving down the street", "A white kitchen"]
 
-# Produced by pycocoevalcap (github.com/salaniz/pycocoevalcap, commit ad63453cfab57a81a02b2949b17a91fab1c3df77): Bleu(4)
-# score[3] and Cider() mean score, on these inputs joined back after tokenize(). Subsets matter for CIDEr, whose idf is
-# taken over the scored set.
+# Produced by pycocoevalcap (github.com/salaniz/pycocoevalcap,
+# commit ad63453cfab57a81a02b2949b17a91fab1c3df77): Bleu(4) score[3] and Cider() mean score, on these inputs
+# joined back after tokenize(). Subsets matter for CIDEr, whose idf is taken over the scored set.
 KNOWN = {
     "all": (CANDS, [0, 1, 2, 3, 4], 0.3796195348531243, 1.2684800095484436),
     "images-1-3": (CANDS, [1, 3], 0.21834177213073613, 1.0886444711937577),
@@ -80,5 +85,6 @@ def test_words_round_trip_through_the_vocabulary():
     vocab = captions.vocabulary(["A red disc.", "a red box", "A blue box"], min_count=2)
     assert vocab[4:] == ["a", "box", "red"]
     ids = captions.encode(["a red disc", "a box a box a box"], vocab, 4)
-    assert ids.tolist() == [[4, 6, captions.UNK, captions.EOS], [4, 5, 4, captions.EOS]]  # unknown word; cut to 3 words
+    # unknown word; cut to 3 words
+    assert ids.tolist() == [[4, 6, captions.UNK, captions.EOS], [4, 5, 4, captions.EOS]]
     assert captions.decode(ids.tolist(), vocab) == ["a red", "a box a"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runs
 from data import UserError
 
 
@@ -48,7 +49,7 @@ def test_gmm_separates_two_clusters():
 
 def test_cosine_schedule():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    lrs = [common.set_lr(opt, s, 100, 10, 1.0) for s in range(100)]
+    lrs = [runs.set_lr(opt, s, 100, 10, 1.0) for s in range(100)]
     assert opt.param_groups[0]["lr"] == lrs[-1]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.01
@@ -66,8 +67,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     with pytest.raises(UserError, match="cannot read checkpoint .*not a torch.save file") as e:
         common.load_checkpoint(tmp_path / "bad.pt")
     assert "weights_only" not in str(e.value)  # never a hint to load a file unsafely
-    (tmp_path / "cut.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:300])  # a truncated checkpoint: its cause stays
-    with pytest.raises(UserError, match="cannot read checkpoint .*cut.pt .*zip archive: failed finding central directory"):
+    # a truncated checkpoint: its cause stays
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:300])
+    want = "cannot read checkpoint .*cut.pt .*zip archive: failed finding central directory"
+    with pytest.raises(UserError, match=want):
         common.load_checkpoint(tmp_path / "cut.pt")
 
 
@@ -109,18 +112,19 @@ def test_tiny_model_is_registered_and_loads_a_local_file(tmp_path):
 
 
 def test_compiled_steps_give_the_eager_losses():
-    """--compile: torch.compile'd forward and backward, two optimiser steps on nc-tiny, against eager (CPU)."""
+    """--compile: torch.compile'd forward and backward, two optimiser steps on nc-tiny, against
+    eager (CPU)."""
     torch.manual_seed(0)
     model = common.load_model("nc-tiny", "none", torch.device("cpu"), log=lambda line: None)[0]
     twin = copy.deepcopy(model)
     images, tokens = torch.randn(8, 3, 64, 64), torch.randint(1, 49407, (8, 32))
     losses = {}
     for name, net in (("eager", model), ("compiled", torch.compile(twin))):
-        opt = common.optimizer(getattr(net, "_orig_mod", net), 1e-3, 0.2)
+        opt = runs.optimizer(getattr(net, "_orig_mod", net), 1e-3, 0.2)
         losses[name] = []
         for _ in range(3):
             loss = common.info_nce(*net(images, tokens)).mean()
-            common.train_step(net, opt, loss)
+            runs.train_step(net, opt, loss)
             losses[name].append(loss.item())
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert losses["eager"][2] < losses["eager"][0] - 0.1  # the steps moved the model
@@ -136,13 +140,16 @@ def test_a_checkpoint_of_these_scripts_is_accepted_as_pretrained(tmp_path):
     torch.manual_seed(1)
     import open_clip
     tuned = open_clip.create_model("nc-tiny")
-    ck = {"method": "baseline", "args": {"model": "nc-tiny", "pretrained": None}, "model": tuned.state_dict(), "epoch": 0}
+    ck = {"method": "baseline", "args": {"model": "nc-tiny", "pretrained": None}, "model": tuned.state_dict(),
+          "epoch": 0}
     common.save_checkpoint(tmp_path / "best.pt", ck)
-    model = common.load_model("nc-tiny", str(tmp_path / "best.pt"), torch.device("cpu"), log=lambda line: None)[0]
+    model = common.load_model("nc-tiny", str(tmp_path / "best.pt"), torch.device("cpu"),
+                              log=lambda line: None)[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tuned.state_dict().values()))
     with pytest.raises(UserError, match="best.pt is a checkpoint of nc-tiny, not ViT-B-32"):
         common.load_model("ViT-B-32", str(tmp_path / "best.pt"), torch.device("cpu"))
-    # weights of another model: one line that keeps the cause (the keys), not a bare "Error(s) in loading state_dict"
+    # weights of another model: one line that keeps the cause (the keys), not a bare
+    # "Error(s) in loading state_dict"
     ck["model"] = {k: v for k, v in ck["model"].items() if k != "positional_embedding"}
     common.save_checkpoint(tmp_path / "cut.pt", ck)
     with pytest.raises(UserError, match="Missing key.*positional_embedding"):
@@ -150,10 +157,12 @@ def test_a_checkpoint_of_these_scripts_is_accepted_as_pretrained(tmp_path):
 
 
 def test_a_checkpoint_keeps_the_architecture_of_the_weights_its_run_started_from(tmp_path):
-    """OpenAI's ViT-B-32 uses QuickGELU: its fine-tuned checkpoint must be rebuilt with it (no download needed)."""
-    common.save_checkpoint(tmp_path / "a.pt", {"method": "npc", "args": {"model": "ViT-B-32", "pretrained": "openai"}, "model": {}})
-    common.save_checkpoint(tmp_path / "b.pt", {"method": "sdd", "args": {"model": "ViT-B-32", "pretrained": str(tmp_path / "a.pt")},
-                                               "model": {}})
+    """OpenAI's ViT-B-32 uses QuickGELU: its fine-tuned checkpoint must be rebuilt with it
+    (no download needed)."""
+    a = {"method": "npc", "args": {"model": "ViT-B-32", "pretrained": "openai"}, "model": {}}
+    common.save_checkpoint(tmp_path / "a.pt", a)
+    b = {"method": "sdd", "args": {"model": "ViT-B-32", "pretrained": str(tmp_path / "a.pt")}, "model": {}}
+    common.save_checkpoint(tmp_path / "b.pt", b)
     for name in ("a.pt", "b.pt"):  # b continued from a: the setting passes down the chain
         path, kwargs = common.resolve_weights("ViT-B-32", str(tmp_path / name))
         assert path == str(tmp_path / name) and kwargs["force_quick_gelu"] is True

@@ -52,13 +52,15 @@ def test_noise_is_deterministic_and_cached_whole(tmp_path):
     for stale in (np.arange(7), np.load(tmp_path / "c.npy")):  # the wrong length; another seed's permutation
         np.save(tmp_path / "a.npy", stale)
         _, d = data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")
-        assert np.array_equal(a, d) and np.array_equal(np.load(tmp_path / "a.npy"), want)  # not trusted: rewritten
+        # not trusted: rewritten
+        assert np.array_equal(a, d) and np.array_equal(np.load(tmp_path / "a.npy"), want)
     (tmp_path / "a.npy").write_bytes(b"not an npy file")
     assert np.array_equal(data.inject_noise(split, 0.4, 0, tmp_path / "a.npy")[1], a)
 
 
 def test_atomic_write_leaves_another_writers_temporary_file_alone(tmp_path):
-    other = tmp_path / f"r.json.{os.getpid() + 1}.tmp"  # what a second process writing r.json at once would use
+    # what a second process writing r.json at once would use
+    other = tmp_path / f"r.json.{os.getpid() + 1}.tmp"
     other.write_text("half of another process's file")
     data.atomic_write(tmp_path / "r.json", lambda f: f.write(b"{}"))
     assert (tmp_path / "r.json").read_text() == "{}" and other.read_text() == "half of another process's file"
@@ -73,7 +75,8 @@ def test_noise_outside_unit_interval_is_refused(tmp_path, noise):
 
 # ---- loaders
 def test_karpathy_flickr_layout(tmp_path):
-    images = [{"filename": f"{i}.jpg", "split": s, "sentences": [{"raw": f"img {i} cap {k} "} for k in range(5 + (i == 0))]}
+    images = [{"filename": f"{i}.jpg", "split": s,
+               "sentences": [{"raw": f"img {i} cap {k} "} for k in range(5 + (i == 0))]}
               for i, s in enumerate(["train", "train", "val", "test", "test"])]
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
     _images(tmp_path / "flickr30k-images", [f"{i}.jpg" for i in range(5)])
@@ -87,8 +90,10 @@ def test_karpathy_flickr_layout(tmp_path):
 
 
 def test_karpathy_coco_layout_with_filepath_and_restval(tmp_path):
-    images = [{"filepath": fp, "filename": f"{k}.jpg", "split": s, "sentences": [{"raw": f"c{k}{j}"} for j in range(5)]}
-              for k, (fp, s) in enumerate([("train2014", "train"), ("val2014", "restval"), ("val2014", "test")])]
+    folders = [("train2014", "train"), ("val2014", "restval"), ("val2014", "test")]
+    images = [{"filepath": fp, "filename": f"{k}.jpg", "split": s,
+               "sentences": [{"raw": f"c{k}{j}"} for j in range(5)]}
+              for k, (fp, s) in enumerate(folders)]
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
     _images(tmp_path / "images" / "train2014", ["0.jpg"])
     _images(tmp_path / "images" / "val2014", ["1.jpg", "2.jpg"])
@@ -102,7 +107,8 @@ def _scan(root, dataset, ids_per_caption):
     caps_per = 1 if dataset == "cc120k" else 5
     ids = {"train": ["7", "3", "9"], "dev": ["4"], "test": ["5", "8"]}
     for split, img_ids in ids.items():
-        (d / f"{split}_caps.txt").write_text("".join(f"{i} says {k}\n" for i in img_ids for k in range(caps_per)))
+        caps = "".join(f"{i} says {k}\n" for i in img_ids for k in range(caps_per))
+        (d / f"{split}_caps.txt").write_text(caps)
         lines = [i for i in img_ids for _ in range(caps_per if ids_per_caption else 1)]
         (d / f"{split}_ids.txt").write_text("\n".join(lines) + "\n")
     names = {"f30k": [f"f{i}.jpg" for i in range(10)], "coco": [f"COCO_2014_{i:012d}.jpg" for i in range(10)],
@@ -112,7 +118,8 @@ def _scan(root, dataset, ids_per_caption):
     _images(root / "images", names)
 
 
-@pytest.mark.parametrize("dataset,ids_per_caption", [("f30k", False), ("f30k", True), ("coco", True), ("cc120k", True)])
+@pytest.mark.parametrize("dataset,ids_per_caption",
+                         [("f30k", False), ("f30k", True), ("coco", True), ("cc120k", True)])
 def test_scan_layout(tmp_path, dataset, ids_per_caption):
     _scan(tmp_path, dataset, ids_per_caption)
     train = data.load_split(dataset, tmp_path, "train")
@@ -152,7 +159,8 @@ def test_scan_text_files_that_pair_captions_with_the_wrong_images_are_refused(tm
             data.load_split("f30k", tmp_path, "train")
     per_caption = "".join(f"{i}\n" for i in ["7"] * 7 + ["3"] * 8)  # one id a caption: 7 and 8 captions
     (d / "train_ids.txt").write_text(per_caption)
-    assert [sum(data.load_split("f30k", tmp_path, "train").img_of_cap == k) for k in (0, 1)] == [5, 5]  # capped at 5
+    owner = data.load_split("f30k", tmp_path, "train").img_of_cap
+    assert [sum(owner == k) for k in (0, 1)] == [5, 5]  # capped at 5
 
 
 def test_custom_karpathy_json(tmp_path):
@@ -174,7 +182,8 @@ def test_custom_on_a_scan_folder_names_the_layout(tmp_path):
 
 def test_embedded_is_generated_in_karpathy_layout(tmp_path, capsys):
     embedded.ensure_embedded(tmp_path, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
-    assert f"{tmp_path} holds no dataset_embedded.json: generating the embedded dataset there" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{tmp_path} holds no dataset_embedded.json: generating the embedded dataset there" in printed
     meta = json.loads((tmp_path / "dataset_embedded.json").read_text())
     assert [im["split"] for im in meta["images"]].count("val") == 3
     for split, n in (("pretrain", 6), ("train", 5), ("dev", 3), ("test", 4)):
@@ -186,7 +195,8 @@ def test_embedded_is_generated_in_karpathy_layout(tmp_path, capsys):
     again = tmp_path / "again"
     embedded.ensure_embedded(again, {"pretrain": 6, "train": 5, "dev": 3, "test": 4})
     assert (again / "dataset_embedded.json").read_text() == (tmp_path / "dataset_embedded.json").read_text()
-    assert (again / "images" / "train_00002.png").read_bytes() == (tmp_path / "images" / "train_00002.png").read_bytes()
+    image = (tmp_path / "images" / "train_00002.png").read_bytes()
+    assert (again / "images" / "train_00002.png").read_bytes() == image
 
 
 def test_loader_errors(tmp_path):
@@ -205,7 +215,8 @@ def test_loader_errors(tmp_path):
     with pytest.raises(UserError, match="1 image.*missing.*2.jpg"):
         data.load_split("f30k", tmp_path, "train")
     (tmp_path / "images" / "2.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(UserError, match="cannot read image .*2.jpg"):  # found when the split loads, before training
+    # found when the split loads, before training
+    with pytest.raises(UserError, match="cannot read image .*2.jpg"):
         data.load_split("f30k", tmp_path, "train")
     images = data.Decoded([str(tmp_path / "images" / f"{i}.jpg") for i in range(3)], lambda im: im)
     with pytest.raises(UserError, match="cannot read image .*2.jpg"):  # and when it is decoded
@@ -217,21 +228,27 @@ def test_loader_errors(tmp_path):
     (3, "not text"), (None, "not text"), ("   ", "empty"), ([], "no caption"),
 ])
 def test_captions_that_are_not_text_or_missing_are_one_line(tmp_path, raw, words):
-    images = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"caption {i}"}]} for i in range(3)]
+    images = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"caption {i}"}]}
+              for i in range(3)]
     images[1]["sentences"] = [] if raw == [] else [{"raw": "fine"}, {"raw": raw}]
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
     _images(tmp_path / "images", [f"{i}.jpg" for i in range(3)])
-    with pytest.raises(UserError, match="test split: image .*1.jpg has no caption, or a caption that is empty or not text"):
+    want = "test split: image .*1.jpg has no caption, or a caption that is empty or not text"
+    with pytest.raises(UserError, match=want):
         data.load_split("f30k", tmp_path, "test")
 
 
 def test_the_karpathy_json_is_read_as_utf8_whatever_the_locale(tmp_path):
-    images = [{"filename": "0.jpg", "split": "train", "sentences": [{"raw": "un café près de la rivière"}]}]
-    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}, ensure_ascii=False), encoding="utf-8")
+    images = [{"filename": "0.jpg", "split": "train",
+               "sentences": [{"raw": "un café près de la rivière"}]}]
+    index = json.dumps({"images": images}, ensure_ascii=False)
+    (tmp_path / "dataset_flickr30k.json").write_text(index, encoding="utf-8")
     _images(tmp_path / "images", ["0.jpg"])
     env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")  # an ASCII locale
-    code = f"import data, locale; print(locale.getpreferredencoding(False), ascii(data.load_split('f30k', {str(tmp_path)!r}, 'train').captions))"
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", check=False)
+    code = ("import data, locale; print(locale.getpreferredencoding(False), "
+            f"ascii(data.load_split('f30k', {str(tmp_path)!r}, 'train').captions))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       encoding="utf-8", check=False)
     assert p.returncode == 0, p.stderr
     assert "ANSI" in p.stdout or "ascii" in p.stdout.lower()  # the locale really is not UTF-8
     assert ascii(["un café près de la rivière"]) in p.stdout

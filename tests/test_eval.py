@@ -16,7 +16,8 @@ def brute_force(sims, img_of_cap):
     for c in range(sims.shape[1]):
         order = np.argsort(-sims[:, c], kind="stable")
         t2i.append(np.flatnonzero(order == img_of_cap[c])[0])
-    r = {f"{d}_r{k}": 100 * np.mean(np.array(ranks) < k) for d, ranks in (("i2t", i2t), ("t2i", t2i)) for k in (1, 5, 10)}
+    r = {f"{d}_r{k}": 100 * np.mean(np.array(ranks) < k)
+         for d, ranks in (("i2t", i2t), ("t2i", t2i)) for k in (1, 5, 10)}
     r["rsum"] = sum(r.values())
     return r
 
@@ -30,8 +31,8 @@ def test_perfect_and_hand_built_ranks():
     r = recall(sims, owner)
     assert r["i2t_r1"] == pytest.approx(200 / 3)  # images 1 and 2 are hits at 1, image 0 is not
     assert r["i2t_r5"] == 100
-    # t2i: caption 0 -> image 0 rank 1 (0.5 vs 0, 0); caption 1: 0.1 vs 0, 0 -> rank 1; caption 2: 0.9 > 0.8 -> image 1 is 2nd
-    # caption 3 -> 0.7 top; caption 4 -> 0.9 top; caption 5: 0.2 top
+    # t2i: caption 0 -> image 0 rank 1 (0.5 vs 0, 0); caption 1: 0.1 vs 0, 0 -> rank 1;
+    # caption 2: 0.9 > 0.8 -> image 1 is 2nd; caption 3 -> 0.7 top; caption 4 -> 0.9 top; caption 5: 0.2 top
     assert r["t2i_r1"] == pytest.approx(500 / 6)
     assert r["rsum"] == pytest.approx(sum(v for k, v in r.items() if k != "rsum"))
     assert recall(torch.eye(4), [0, 1, 2, 3])["rsum"] == 600
@@ -39,8 +40,8 @@ def test_perfect_and_hand_built_ranks():
 
 @pytest.mark.parametrize("value", [0.0, 0.3, float("nan")])
 def test_constant_or_nan_similarities_score_no_hit(value):
-    """A collapsed (constant) or diverged (NaN) model ranks nothing: with 20 images and 100 captions every query
-    has more than 10 others tied with its own, so every recall is 0, not 100."""
+    """A collapsed (constant) or diverged (NaN) model ranks nothing: with 20 images and 100 captions every
+    query has more than 10 others tied with its own, so every recall is 0, not 100."""
     owner = np.repeat(np.arange(20), 5)
     r = recall(torch.full((20, 100), value), owner)
     assert r["rsum"] == 0
@@ -79,7 +80,8 @@ def test_fold_recall_computes_each_folds_t2i_r10():
     owner = np.repeat(np.arange(n_img), 5)
     sims = rng.normal(size=(n_img, 5 * n_img)) + 1.0 * (owner[None, :] == np.arange(n_img)[:, None])
     got = fold_recall(torch.tensor(sims), owner, fold=fold)
-    folds = [brute_force(sims[f * fold:(f + 1) * fold, f * 5 * fold:(f + 1) * 5 * fold], owner[:5 * fold]) for f in range(3)]
+    folds = [brute_force(sims[f * fold:(f + 1) * fold, f * 5 * fold:(f + 1) * 5 * fold], owner[:5 * fold])
+             for f in range(3)]
     for k in folds[0]:
         assert got[k] == pytest.approx(np.mean([r[k] for r in folds])), k
     assert got["left_out"] == 0
@@ -93,7 +95,9 @@ def test_fold_recall_says_which_images_it_leaves_out():
     sims = torch.tensor(rng.normal(size=(50, 250)))
     got = fold_recall(sims, owner, fold=20)  # two whole folds; the last 10 images are in none
     assert got["left_out"] == 10
-    assert got["rsum"] == pytest.approx(np.mean([recall(sims[f * 20:(f + 1) * 20, f * 100:(f + 1) * 100], owner[:100])["rsum"]
-                                                 for f in range(2)]))
+    want = np.mean([recall(sims[f * 20:(f + 1) * 20, f * 100:(f + 1) * 100], owner[:100])["rsum"]
+                    for f in range(2)])
+    assert got["rsum"] == pytest.approx(want)
     assert fold_recall(sims, owner, fold=60) is None  # fewer images than a fold: no crash, no folds
-    assert "fewer than one fold" in fmt_1k(None, 50) and "the last 234 images left out" in fmt_1k(dict(got, left_out=234), 5234)
+    assert "fewer than one fold" in fmt_1k(None, 50)
+    assert "the last 234 images left out" in fmt_1k(dict(got, left_out=234), 5234)

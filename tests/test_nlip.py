@@ -1,4 +1,5 @@
-"""NLIP: the harmonized loss, the completion rule, concept retrieval, the decoder's masks, generation, and nlip.py end to end."""
+"""NLIP: the harmonized loss, the completion rule, concept retrieval, the decoder's masks, generation, and
+nlip.py end to end."""
 import json
 
 import numpy as np
@@ -18,19 +19,22 @@ def _features(b=6, d=16, seed=0):
 
 def test_harmonized_loss_is_infonce_at_eps_0_and_a_positive_margin_of_lambda_eps():
     img, txt = _features()
-    assert torch.allclose(nlip.harmonized_loss(img, txt, 20.0, torch.zeros(6), 1.0), common.info_nce(img, txt, 20.0), atol=1e-6)
-    assert torch.allclose(nlip.harmonized_loss(img, txt, 20.0, torch.ones(6), 0.0), common.info_nce(img, txt, 20.0), atol=1e-6)
+    infonce = common.info_nce(img, txt, 20.0)
+    assert torch.allclose(nlip.harmonized_loss(img, txt, 20.0, torch.zeros(6), 1.0), infonce, atol=1e-6)
+    assert torch.allclose(nlip.harmonized_loss(img, txt, 20.0, torch.ones(6), 0.0), infonce, atol=1e-6)
     eps = torch.rand(6, generator=torch.Generator().manual_seed(2))
     got = nlip.harmonized_loss(img, txt, 20.0, eps, 0.5)
     for i in range(6):  # l_i = (CE over s (cos_ij + omega_i [j = i]) both ways) / 2, omega_i = 0.5 eps_i
         row, col = 20.0 * (img[i] @ txt.T), 20.0 * (txt[i] @ img.T)
         row[i] += 20.0 * 0.5 * eps[i]
         col[i] += 20.0 * 0.5 * eps[i]
-        assert got[i].item() == pytest.approx((-row.log_softmax(0)[i] - col.log_softmax(0)[i]).item() / 2, rel=1e-5)
+        want = (-row.log_softmax(0)[i] - col.log_softmax(0)[i]).item() / 2
+        assert got[i].item() == pytest.approx(want, rel=1e-5)
 
 
 def test_larger_eps_makes_a_pair_settle_at_lower_similarity():
-    """Train free features on the harmonized loss: the positive cosine a pair ends at falls as its eps rises."""
+    """Train free features on the harmonized loss: the positive cosine a pair ends at falls as
+    its eps rises."""
     eps = torch.tensor([0.0, 0.3, 0.6, 0.9]).repeat_interleave(4)  # 4 pairs at each noise probability
     img, txt = (torch.nn.Parameter(x) for x in _features(16, 16))
     opt = torch.optim.Adam([img, txt], lr=0.05)
@@ -53,7 +57,8 @@ def test_complete_replaces_likely_noise_and_mixes_the_rest_with_probability_eps(
     assert synthetic.dtype == bool and synthetic.shape == eps.shape
     assert not synthetic[:20000].any() and synthetic[40000:].all()
     assert synthetic[20000:40000].mean() == pytest.approx(0.3, abs=0.015)
-    assert (nlip.complete(eps, 0.5, np.random.default_rng(0)) == synthetic).all()  # seeded: the same each time
+    # seeded: the same each time
+    assert (nlip.complete(eps, 0.5, np.random.default_rng(0)) == synthetic).all()
 
 
 class _WordModel:
@@ -73,7 +78,7 @@ def test_top_concepts_are_the_nearest_concept_words():
     img = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
     img[0] = torch.nn.functional.normalize(E[4] + 0.01, dim=-1)  # nearest to a non-concept word: never chosen
     tokenizer = lambda words: torch.tensor([int(w[1:]) for w in words])
-    got = nlip.top_concepts(_WordModel(E), img, concept_ids, vocab, 3, tokenizer, "cpu")
+    got = nlip.top_concepts(_WordModel(E), img, concept_ids, tokenizer([vocab[c] for c in concept_ids]), 3)
     assert got.shape == (5, 3)
     sims = img @ torch.nn.functional.normalize(E, dim=-1).T
     for i in range(5):
@@ -91,8 +96,10 @@ def test_lm_inputs_leave_the_prompt_and_padding_out_of_the_loss():
     concepts = torch.tensor([[7, 8, 9], [10, 11, 12]])
     words = torch.tensor([[5, 6, captions.EOS, captions.PAD], [13, captions.EOS, captions.PAD, captions.PAD]])
     dec_in, target = nlip.lm_inputs(concepts, words)
-    assert dec_in.tolist() == [[7, 8, 9, captions.BOS, 5, 6, captions.EOS], [10, 11, 12, captions.BOS, 13, captions.EOS, captions.PAD]]
-    assert target.tolist() == [[-100, -100, -100, 5, 6, captions.EOS, -100], [-100, -100, -100, 13, captions.EOS, -100, -100]]
+    assert dec_in.tolist() == [[7, 8, 9, captions.BOS, 5, 6, captions.EOS],
+                               [10, 11, 12, captions.BOS, 13, captions.EOS, captions.PAD]]
+    assert target.tolist() == [[-100, -100, -100, 5, 6, captions.EOS, -100],
+                               [-100, -100, -100, 13, captions.EOS, -100, -100]]
     # L_LM of the model is the mean cross-entropy over exactly those positions
     model, images = _tiny_nlip(), torch.randn(2, 3, 64, 64)
     tokens = torch.randint(1, 1000, (2, 32))
@@ -122,8 +129,8 @@ def test_no_image_token_reaches_the_contrastive_text_features_and_the_decoder_is
 
 
 def test_generation_writes_learnt_captions_greedy_and_by_beam():
-    """A decoder taught two captions, one per image, writes each back from its image and prompt; greedy decoding is
-    the argmax path step by step."""
+    """A decoder taught two captions, one per image, writes each back from its image and prompt; greedy
+    decoding is the argmax path step by step."""
     torch.manual_seed(0)
     captioner = nlip.Captioner(20, 32, 1, 8, 2 + 8 + 2)
     patches = torch.randn(2, 4, 8)
@@ -132,31 +139,35 @@ def test_generation_writes_learnt_captions_greedy_and_by_beam():
     dec_in, target = nlip.lm_inputs(concepts, words)
     opt = torch.optim.Adam(captioner.parameters(), lr=3e-3)
     for _ in range(300):
-        loss = torch.nn.functional.cross_entropy(captioner(dec_in, patches).transpose(1, 2), target, ignore_index=-100)
+        logits = captioner(dec_in, patches).transpose(1, 2)
+        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
     captioner.eval()
     for beam in (1, 3):
-        got = nlip.generate(captioner, patches, concepts, 8, beam)
+        got = captions.generate(captioner, patches, concepts, 8, beam)
         assert captions.decode(got.tolist(), [f"w{i}" for i in range(20)]) == ["w10 w11 w12", "w13 w14"]
     g = torch.Generator().manual_seed(1)
-    rand = nlip.Captioner(20, 32, 1, 8, 2 + 8 + 2).eval()  # an untrained decoder: greedy is still the argmax path
+    # an untrained decoder: greedy is still the argmax path
+    rand = nlip.Captioner(20, 32, 1, 8, 2 + 8 + 2).eval()
     p, c = torch.randn(3, 4, 8, generator=g), torch.randint(4, 20, (3, 2), generator=g)
     seq = torch.cat([c, torch.full((3, 1), captions.BOS)], 1)
     with torch.no_grad():
         for _ in range(5):
             seq = torch.cat([seq, rand(seq, p)[:, -1].argmax(-1, keepdim=True)], 1)
-    got = nlip.generate(rand, p, c, 5, 1)
+    got = captions.generate(rand, p, c, 5, 1)
     for b in range(3):
         n = next((j + 1 for j, w in enumerate(seq[b, 3:].tolist()) if w in (captions.EOS, captions.PAD)), 5)
         assert got[b, :n].tolist() == seq[b, 3:3 + n].tolist()
 
 
 def test_nlip_runs_end_to_end_completes_captions_and_resumes(embedded, tmp_path):
-    # from the tiny pre-trained CLIP, as bench.py runs NLIP (from scratch, 240 images leave eps at chance: AUC 0.50)
-    argv = ["--data-root", embedded, "--batch-size", "48", "--warmup", "5", "--min-count", "2", "--warmup-epochs", "1",
-            "--epochs", "3", "--pretrained", embedded / "nc-tiny-pretrained.pt", "--lr", "5e-4"]
+    # from the tiny pre-trained CLIP, as bench.py runs NLIP
+    # (from scratch, 240 images leave eps at chance: AUC 0.50)
+    argv = ["--data-root", embedded, "--batch-size", "48", "--warmup", "5", "--min-count", "2",
+            "--warmup-epochs", "1", "--epochs", "3", "--pretrained", embedded / "nc-tiny-pretrained.pt",
+            "--lr", "5e-4"]
     stop_after_first_epoch("nlip.py", tmp_path, *argv)  # the plain warm-up epoch
     p = run_script("nlip.py", *argv, "--out-dir", tmp_path, "--resume")
     assert p.returncode == 0, p.stderr
@@ -165,15 +176,18 @@ def test_nlip_runs_end_to_end_completes_captions_and_resumes(embedded, tmp_path)
     r = json.loads((tmp_path / "results.json").read_text())
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
     assert r["history"][1]["completed"] == 0 and r["history"][2]["completed"] > 0  # warm-up, then completion
-    for h in r["history"][1:]:  # eps separates the noisy pairs (measured 0.87-0.90), and completion lands on them
+    # eps separates the noisy pairs (measured 0.87-0.90), and completion lands on them
+    for h in r["history"][1:]:
         assert h["eps_auc"] > 0.75
-        assert h["epoch"] == 1 or h["completed_noisy"] > 0.6 * h["completed"]  # noise rate 0.40; measured 0.78-0.82
+        # noise rate 0.40; measured 0.78-0.82
+        assert h["epoch"] == 1 or h["completed_noisy"] > 0.6 * h["completed"]
     assert 0 <= r["captioning"]["bleu4"] <= 1 and r["captioning"]["cider"] >= 0
     assert set(r["zero_shot"]) == {"shape", "colour", "colour shape"} and r["test"]["rsum"] > 0
 
 
-@pytest.mark.parametrize(("flag", "value", "words"), [("--lam", "1.5", "--lam must be in [0, 1], got 1.5"),
-                                                       ("--beam", "0", "--beam must be >= 1, got 0")])
+@pytest.mark.parametrize(("flag", "value", "words"),
+                         [("--lam", "1.5", "--lam must be in [0, 1], got 1.5"),
+                          ("--beam", "0", "--beam must be >= 1, got 0")])
 def test_bad_nlip_flags_give_one_line_error(flag, value, words, embedded, tmp_path):
     p = run_script("nlip.py", "--data-root", embedded, "--out-dir", tmp_path, flag, value)
     assert p.returncode == 2 and p.stderr.strip() == f"error: {words}"

@@ -14,15 +14,18 @@ from conftest import run_script, stop_after_first_epoch
 import common
 import data
 import npc
+import runs
 
 
 def test_weight_is_below_1_when_the_look_ahead_raises_the_memory_loss_and_1_when_it_lowers_it():
     before = torch.tensor([2.0, 2.0, 1.0, 3.0])
-    after = torch.tensor([4.0, 1.0, 1.0, 3.3])  # raised (r = 0.5), lowered (r = 2), unchanged (r = 1), raised a little
+    # raised (r = 0.5), lowered (r = 2), unchanged (r = 1), raised a little
+    after = torch.tensor([4.0, 1.0, 1.0, 3.3])
     w = npc.npc_weight(before, before, after, after)
     assert w.tolist() == pytest.approx([math.tanh(0.5), 1.0, 1.0, math.tanh(3 / 3.3)])
     mixed = npc.npc_weight(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([4.0]))
-    assert mixed.item() == pytest.approx(1.0)  # r = (2 + 0.25) / 2 > 1: the image side outweighs the text side
+    # r = (2 + 0.25) / 2 > 1: the image side outweighs the text side
+    assert mixed.item() == pytest.approx(1.0)
 
 
 def test_weight_matches_a_direct_computation_on_random_losses():
@@ -48,22 +51,26 @@ def test_neighbours_are_the_nearest_clean_pairs():
     bank_img, bank_txt = npc.neighbours(img, txt, owner, clean)
     assert set(bank_img) <= set(clean) and set(bank_txt) <= set(clean)
     for k in range(90):
-        assert (img[owner[k]] @ img[owner[bank_img[k]]]).item() == pytest.approx((img[owner[k]] @ img[owner[clean]].T).max().item())
+        best = (img[owner[k]] @ img[owner[clean]].T).max().item()
+        assert (img[owner[k]] @ img[owner[bank_img[k]]]).item() == pytest.approx(best)
         assert (txt[k] @ txt[bank_txt[k]]).item() == pytest.approx((txt[k] @ txt[clean].T).max().item())
     assert (bank_txt[clean] == clean).all()  # a clean caption is its own nearest clean caption
-    assert (owner[bank_img[clean]] == owner[clean]).all()  # and a clean pair's image its own nearest clean image
+    # and a clean pair's image its own nearest clean image
+    assert (owner[bank_img[clean]] == owner[clean]).all()
 
 
 def test_memory_bank_points_at_the_clean_set_and_finds_clean_pairs(embedded):
-    model, preprocess, tokenizer = common.load_model("nc-tiny", str(embedded / "nc-tiny-pretrained.pt"), torch.device("cpu"))
+    weights = str(embedded / "nc-tiny-pretrained.pt")
+    model, preprocess, tokenizer = common.load_model("nc-tiny", weights, torch.device("cpu"))
     pixels = data.Pixels(preprocess)
     train, is_noisy = data.noisy_train("embedded", embedded, 0.4, 0)
     args = types.SimpleNamespace(batch_size=48, seed=99, bank_threshold=0.9)
-    bank_img, bank_txt, stats = npc.memory_bank(model, train, is_noisy, args, pixels, tokenizer, torch.device("cpu"), print)
-    # the clean set again, computed directly
     img, txt = common.features(model, train, pixels, tokenizer, torch.device("cpu"))
     owner = torch.as_tensor(train.img_of_cap)
-    loss = common.pair_losses(img[owner], txt, model.logit_scale.exp().item(), 48, 99)
+    scale = model.logit_scale.exp().item()
+    bank_img, bank_txt, stats = npc.memory_bank(img, txt, owner, scale, is_noisy, args)
+    # the clean set again, computed directly
+    loss = common.pair_losses(img[owner], txt, scale, 48, 99)
     clean = set(np.flatnonzero(common.gmm_clean_prob(loss) > 0.9))
     assert len(bank_img) == len(bank_txt) == len(is_noisy)
     assert set(bank_img) <= clean and set(bank_txt) <= clean and stats["size"] == len(clean)
@@ -75,20 +82,22 @@ def test_look_ahead_copy_takes_the_step_of_the_main_optimiser_in_place():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
-    opt = common.optimizer(model, 1e-2, 0.2)
+    opt = runs.optimizer(model, 1e-2, 0.2)
     siamese = copy.deepcopy(model)
-    siamese_opt = common.optimizer(siamese, 1.0, 0.2)  # a wrong lr, which the copy must replace
+    siamese_opt = runs.optimizer(siamese, 1.0, 0.2)  # a wrong lr, which the copy must replace
     x, state_ids = torch.randn(5, 4), []
     for _ in range(3):  # the main model moves on; A' is reset from it each time
-        reference, reference_opt = copy.deepcopy((model, opt))  # what one more step of the main optimiser gives
+        # what one more step of the main optimiser gives
+        reference, reference_opt = copy.deepcopy((model, opt))
         npc.copy_into(siamese, siamese_opt, model, opt)
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), siamese.parameters()))
         state_ids.append(sorted(id(t) for s in siamese_opt.state.values() for t in s.values()))
-        common.train_step(siamese, siamese_opt, siamese(x).square().mean())
-        common.train_step(reference, reference_opt, reference(x).square().mean())
+        runs.train_step(siamese, siamese_opt, siamese(x).square().mean())
+        runs.train_step(reference, reference_opt, reference(x).square().mean())
         assert all(torch.allclose(p, q) for p, q in zip(reference.parameters(), siamese.parameters()))
-        common.train_step(model, opt, (model(x) - 1).square().mean())
-    assert state_ids[1] == state_ids[2] and len(state_ids[1]) == 3 * 4  # A' reuses its state: 3 tensors per weight with a gradient
+        runs.train_step(model, opt, (model(x) - 1).square().mean())
+    # A' reuses its state: 3 tensors per weight with a gradient
+    assert state_ids[1] == state_ids[2] and len(state_ids[1]) == 3 * 4
 
 
 RUN = ["--noise", "0.4", "--epochs", "2", "--batch-size", "48", "--warmup", "5", "--lr", "5e-4"]
@@ -121,29 +130,35 @@ def test_official_form_trains_otherwise_and_resume_rebuilds_the_bank(embedded, p
     assert p.returncode == 0, p.stderr
     log = (tmp_path / "log.txt").read_text()
     assert log.count("memory bank: clean set") == 2 and "memory bank rebuilt" in log
-    banks = [line for line in log.splitlines() if line.startswith("memory bank")]
+    banks = [line for line in log.splitlines() if line.startswith("memory bank: clean set")]
     assert banks[0] == banks[1]  # rebuilt identically from the starting model
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "npc-official" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
-    # the same bank and batches as the paper's form, but other weights: the collapsed w and the constant memory term
-    assert banks[0] == next(line for line in (paper_run / "log.txt").read_text().splitlines() if line.startswith("memory bank"))
-    official, paper = (torch.load(out / "last.pt", weights_only=True)["model"] for out in (tmp_path, paper_run))
+    # the same bank and batches as the paper's form, but other weights: the collapsed w and the
+    # constant memory term
+    paper_log = (paper_run / "log.txt").read_text().splitlines()
+    assert banks[0] == next(line for line in paper_log if line.startswith("memory bank"))
+    official, paper = (torch.load(out / "last.pt", weights_only=True)["model"]
+                       for out in (tmp_path, paper_run))
     assert max((official[k] - paper[k]).abs().max().item() for k in paper) > 1e-2
-    refused = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--batch-size", "48", "--resume")
-    assert refused.returncode == 2 and refused.stderr.strip() == (f"error: {tmp_path}/last.pt is a npc-official checkpoint, "
-                                                                  "not npc: resume it with its own script")
+    refused = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--batch-size", "48",
+                         "--resume")
+    want = (f"error: {tmp_path}/last.pt is a npc-official checkpoint, "
+            "not npc: resume it with its own script")
+    assert refused.returncode == 2 and refused.stderr.strip() == want
 
 
 def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
     p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--bank-threshold", "1")
-    assert p.returncode == 2 and p.stderr.strip() == "error: the memory bank is empty: no pair has clean posterior > 1.0"
+    want = "error: the memory bank is empty: no pair has clean posterior > 1.0"
+    assert p.returncode == 2 and p.stderr.strip() == want
 
 
 def test_at_lr_0_every_weight_is_exactly_1_also_under_bf16_autocast(embedded, tmp_path):
-    """lr 0: the look-ahead leaves A' equal to A, so the memory losses before and after it (fp32) are equal, r = 1
-    and w = 1 for every pair, whatever the autocast of the training forwards."""
-    p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--epochs", "1", "--batch-size", "32",
-                   "--lr", "0", "--precision", "bf16", "--device", "cpu")
+    """lr 0: the look-ahead leaves A' equal to A, so the memory losses before and after it (fp32) are equal,
+    r = 1 and w = 1 for every pair, whatever the autocast of the training forwards."""
+    p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--epochs", "1",
+                   "--batch-size", "32", "--lr", "0", "--precision", "bf16", "--device", "cpu")
     assert p.returncode == 0, p.stderr
     epoch = json.loads((tmp_path / "results.json").read_text())["history"][1]
     assert epoch["w_mean"] == 1.0 and epoch["w_std"] == 0.0 and epoch["w_below_1"] == 0.0
@@ -152,9 +167,10 @@ def test_at_lr_0_every_weight_is_exactly_1_also_under_bf16_autocast(embedded, tm
 
 @pytest.mark.parametrize("script", ["npc", "sdd"])
 def test_memory_losses_are_fp32_under_bf16_autocast(script):
-    """The memory losses compared across the look-ahead come out of an fp32 forward even inside bf16 autocast, where
-    the same forward gives other values. (At lr 0 on the CPU the earlier bf16 form also gave r = 1 exactly: CPU
-    kernels round a row the same whatever the batch, so the lr-0 test above cannot tell the two forms apart.)"""
+    """The memory losses compared across the look-ahead come out of an fp32 forward even inside bf16 autocast,
+    where the same forward gives other values. (At lr 0 on the CPU the earlier bf16 form also gave r = 1
+    exactly: CPU kernels round a row the same whatever the batch, so the lr-0 test above cannot tell the two
+    forms apart.)"""
     memory_losses = importlib.import_module(script).memory_losses
     torch.manual_seed(0)
     model = common.load_model("nc-tiny", "none", torch.device("cpu"), log=lambda line: None)[0]

@@ -3,6 +3,7 @@ import argparse
 import importlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import run_script
@@ -38,12 +39,12 @@ def test_baseline_improves_recall_over_its_start(finished, embedded):
 
 
 def test_clean_only_trains_on_the_clean_pairs(embedded, tmp_path):
-    p = run_script("baseline.py", "--data-root", embedded, "--noise", "0.4", "--clean-only", "--out-dir", tmp_path,
-                   "--epochs", "1", "--batch-size", "48", "--warmup", "5")
+    p = run_script("baseline.py", "--data-root", embedded, "--noise", "0.4", "--clean-only",
+                   "--out-dir", tmp_path, "--epochs", "1", "--batch-size", "48", "--warmup", "5")
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "baseline-clean" and 0.35 < res["noise_rate"] < 0.41
-    assert res["history"][1]["noisy_trained"] == 0  # of the pairs trained on, none noisy (without the Subset: about 0.4)
+    assert res["history"][1]["noisy_trained"] == 0  # none of the pairs trained on (without the Subset: 0.4)
 
 
 def _fails_in_one_line(p, *words):
@@ -56,8 +57,9 @@ def _fails_in_one_line(p, *words):
 
 @pytest.fixture
 def fails_here(capsys, monkeypatch, tmp_path):
-    """fails_here(script, *argv, words=[...]): the script's main, in this process (its code path is the command's:
-    runs.run), ends with exit status 2 and one error line holding the words, and writes no results. -> stdout"""
+    """fails_here(script, *argv, words=[...]): the script's main, in this process (its code path is the
+    command's: runs.run), ends with exit status 2 and one error line holding the words, and writes no results.
+    -> stdout"""
     monkeypatch.chdir(tmp_path)  # the default data/embedded and out/ are never the repository's
 
     def check(script, *argv, words=()):
@@ -76,9 +78,10 @@ def fails_here(capsys, monkeypatch, tmp_path):
 
 
 def test_bad_input_from_the_command_line_is_one_line_and_exit_2(embedded, tmp_path):
-    _fails_in_one_line(run_script("baseline.py", "--data-root", embedded, "--noise", "1.2", "--out-dir", tmp_path),
-                       "--noise must be in [0, 1)")
-    _fails_in_one_line(run_script("npc.py", "--dataset", "imagenet"), "--dataset", "invalid choice: 'imagenet'")
+    p = run_script("baseline.py", "--data-root", embedded, "--noise", "1.2", "--out-dir", tmp_path)
+    _fails_in_one_line(p, "--noise must be in [0, 1)")
+    p = run_script("npc.py", "--dataset", "imagenet")
+    _fails_in_one_line(p, "--dataset", "invalid choice: 'imagenet'")
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -96,13 +99,14 @@ def test_bad_input_gives_one_line_error(argv, words, embedded, fails_here):
 @pytest.mark.parametrize("script", ["baseline.py", "npc.py", "sdd.py", "nlip.py", "eval.py", "bench.py"])
 def test_unknown_dataset_or_bad_flag_value_is_one_line(script, fails_here):
     fails_here(script, "--dataset", "imagenet", words=["--dataset", "invalid choice: 'imagenet'"])
-    fails_here(script, "--device", "cpu", "--split" if script == "eval.py" else "--noise", "x", words=["invalid"])
+    flag = "--split" if script == "eval.py" else "--noise"
+    fails_here(script, "--device", "cpu", flag, "x", words=["invalid"])
 
 
 @pytest.mark.parametrize("script", ["baseline.py", "npc.py"])
 def test_a_diverged_run_stops_in_one_line_before_writing_a_checkpoint(script, embedded, fails_here, tmp_path):
-    fails_here(script, "--data-root", embedded, "--out-dir", "o", "--lr", "1e6", "--epochs", "1", "--batch-size", "48",
-               words=["the loss is", "at optimiser step", "(lr ", "diverged"])
+    fails_here(script, "--data-root", embedded, "--out-dir", "o", "--lr", "1e6", "--epochs", "1",
+               "--batch-size", "48", words=["the loss is", "at optimiser step", "(lr ", "diverged"])
     assert not (tmp_path / "o" / "best.pt").exists() and not (tmp_path / "o" / "last.pt").exists()
 
 
@@ -137,30 +141,37 @@ def test_missing_and_corrupt_images_give_one_line_error(embedded, tmp_path):
 def test_a_resume_must_match_the_run_it_continues(script, argv, words, finished, embedded, fails_here):
     out, _ = finished
     before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
-    fails_here(script, "--data-root", embedded, "--resume", "--out-dir", out, "--noise", "0", *FAST, *argv, words=words)
+    fails_here(script, "--data-root", embedded, "--resume", "--out-dir", out, "--noise", "0", *FAST, *argv,
+               words=words)
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before  # nothing written
 
 
-def test_a_finished_run_is_neither_resumed_nor_overwritten(finished, embedded, monkeypatch, capsys, fails_here, tmp_path):
+def test_a_finished_run_is_neither_resumed_nor_overwritten(finished, embedded, monkeypatch, capsys,
+                                                           fails_here, tmp_path):
     out, _ = finished
     before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     # another data root is another run
     fails_here("baseline.py", "--data-root", tmp_path, "--resume", "--out-dir", out, "--noise", "0", *FAST,
                words=["--data-root is", str(tmp_path), "but the run"])
     # the same flags: finished, exit 0, nothing rewritten (how a run goes, here its workers, may change)
-    monkeypatch.setattr("sys.argv", ["baseline.py", "--data-root", str(embedded), "--resume", "--out-dir", str(out),
-                                     "--noise", "0", *FAST, "--workers", "1"])
+    argv = ["--data-root", str(embedded), "--resume", "--out-dir", str(out), "--noise", "0", *FAST,
+            "--workers", "1"]
+    monkeypatch.setattr("sys.argv", ["baseline.py", *argv])
     with pytest.raises(SystemExit) as e:
         runs.run(importlib.import_module("baseline").main)
     assert e.value.code == 0 and "holds a finished run" in capsys.readouterr().out
     # a fresh run into it, and both --resume and --overwrite, are refused
-    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, words=["already holds a run", "--overwrite"])
-    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, "--resume", "--overwrite", words=["give one"])
+    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out,
+               words=["already holds a run", "--overwrite"])
+    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, "--resume", "--overwrite",
+               words=["give one"])
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
 
 
 def test_overwrite_deletes_the_old_run_and_only_its_files(tmp_path, monkeypatch):
-    for name in ("last.pt", "best.pt", "results.json", "log.txt", "similarity_epoch1.png", "last.pt.123.tmp", "notes.md"):
+    names = ("last.pt", "best.pt", "results.json", "log.txt", "similarity_epoch1.png", "last.pt.123.tmp",
+             "notes.md")
+    for name in names:
         (tmp_path / name).write_text("old")
     args = argparse.Namespace(out_dir=str(tmp_path), overwrite=False)
     with pytest.raises(data.UserError, match="already holds a run"):
@@ -210,10 +221,13 @@ def test_an_out_dir_that_is_a_file_or_under_one_is_one_line(fails_here, tmp_path
         fails_here("baseline.py", "--out-dir", tmp_path / "locked" / "run", words=["is not writable"])
 
 
-def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(finished, embedded, fails_here, tmp_path):
+def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(finished, embedded, fails_here,
+                                                                              tmp_path):
     out, _ = finished
-    fails_here("baseline.py", "--data-root", embedded, "--resume", "--out-dir", "o", words=["last.pt not found"])
-    fails_here("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32", words=["best.pt is a checkpoint of nc-tiny, not ViT-B-32"])
+    fails_here("baseline.py", "--data-root", embedded, "--resume", "--out-dir", "o",
+               words=["last.pt not found"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--model", "ViT-B-32",
+               words=["best.pt is a checkpoint of nc-tiny, not ViT-B-32"])
     (tmp_path / "notes.pt").write_text("not weights")
     for script, rest in (("baseline.py", ["--out-dir", "o"]), ("eval.py", [])):
         fails_here(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *rest,
@@ -224,10 +238,39 @@ def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(f
 def test_the_defaults_taken_are_printed_and_the_workers_capped_at_the_cores(monkeypatch, capsys, tmp_path):
     import baseline
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["baseline.py", "--dataset", "custom", "--data-root", "d", "--model", "nc-tiny"])
+    argv = ["--dataset", "custom", "--data-root", "d", "--model", "nc-tiny"]
+    monkeypatch.setattr("sys.argv", ["baseline.py", *argv])
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
-    args = runs.parse(baseline.parser, "baseline")
-    assert args.workers == 2 and args.epochs == runs.REAL["epochs"] and args.model == "nc-tiny"
-    line = capsys.readouterr().out.strip()
+    args = baseline.parser.parse_args()
+    assert args.workers == 2 and args.epochs == baseline.REAL["epochs"] and args.model == "nc-tiny"
+    line = " ".join(capsys.readouterr().out.split())  # wrapped at 120 characters
     assert line.startswith("defaults of the real-data setting, which --dataset custom picks (not --model):")
     assert "'workers': 2" in line and "'model'" not in line  # what was given is no default
+
+
+METHODS = ("baseline", "npc", "sdd", "nlip")
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_help_shows_the_defaults_of_both_settings_and_they_are_the_ones_taken(script, monkeypatch):
+    module = importlib.import_module(script)
+    text = " ".join(module.parser.format_help().split())  # argparse wraps the help text
+    for key in ("model", "epochs", "batch_size", "lr", "warmup", "noise"):
+        assert f"(embedded: {module.EMBEDDED[key]}; real data: {module.REAL[key]})" in text, key
+    assert "(default: 99)" in text and "(default: None)" not in text  # --seed; a None default is a setting's
+    monkeypatch.setattr("sys.argv", [f"{script}.py", "--device", "cpu"])
+    args = module.parser.parse_args()
+    assert all(getattr(args, k) == v for k, v in module.EMBEDDED.items() if k != "workers")
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_no_method_file_imports_another(script):
+    import ast
+    tree = ast.parse((Path(__file__).parents[1] / f"{script}.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert not imported & set(METHODS), imported & set(METHODS)

@@ -61,14 +61,15 @@ def test_sdd_runs_end_to_end_drops_mostly_noisy_pairs_and_resumes(embedded, tmp_
     stop_after_first_epoch("sdd.py", tmp_path, *argv)
     p = run_script("sdd.py", *argv, "--out-dir", tmp_path, "--resume")
     assert p.returncode == 0, p.stderr
-    assert "(auto would give" in p.stdout  # the thresholds used beside those auto would give
+    assert "; auto would give" in p.stdout  # the thresholds used beside those auto would give
     log = (tmp_path / "log.txt").read_text()
     thresholds = [line for line in log.splitlines() if line.startswith("thresholds:")]
     assert len(thresholds) == 2 and thresholds[0] == thresholds[1] and "memory bank rebuilt" in log
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "sdd" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
     for h in res["history"][1:]:
-        assert h["drop_precision"] > 0.8 > res["noise_rate"]  # dropped pairs are mostly noisy, far above chance
+        # dropped pairs are mostly noisy, far above chance
+        assert h["drop_precision"] > 0.8 > res["noise_rate"]
         assert h["w_con_auc"] > 0.8 and 0 < h["w_sig_mean"] <= 1
         parts = h["partitions"]
         assert parts["noisy"] == h["dropped"]
@@ -81,47 +82,56 @@ def test_bad_thresholds_are_one_line_errors(embedded, tmp_path):
     p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--alpha", "low")
     assert p.returncode == 2 and p.stderr.strip() == "error: --alpha must be a number or auto, got low"
     p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--beta", "1.5")
-    assert p.returncode == 2 and "the memory bank is empty" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "the memory bank is empty" in p.stderr and len(lines) == 1
 
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed here: --plot works (the next test draws a plot)")
+@pytest.mark.skipif(HAS_MATPLOTLIB,
+                    reason="matplotlib is installed here: --plot works (the next test draws a plot)")
 def test_plot_without_matplotlib_is_a_one_line_error(embedded, tmp_path):
-    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--plot", "--epochs", "1", "--batch-size", "48")
+    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--plot", "--epochs", "1",
+                   "--batch-size", "48")
     assert p.returncode == 2 and p.stderr.strip() == "error: --plot needs matplotlib (pip install matplotlib)"
 
 
-@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not a dependency of the project and is not installed here")
+@pytest.mark.skipif(not HAS_MATPLOTLIB,
+                    reason="matplotlib is not a dependency of the project and is not installed here")
 def test_plot_draws_the_histograms(tmp_path):
     rng = np.random.default_rng(0)
     is_noisy = rng.random(2000) < 0.4
     cos = np.where(is_noisy, rng.normal(0.1, 0.05, 2000), rng.normal(0.3, 0.05, 2000))
     sdd.plot(tmp_path / "p.png", cos, is_noisy, 0.15, "test")
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").stat().st_size > 5000
+    png = tmp_path / "p.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_at_lr_0_every_significance_weight_is_exactly_1_also_under_bf16_autocast(embedded, tmp_path):
-    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--epochs", "1", "--batch-size", "32",
-                   "--lr", "0", "--precision", "bf16", "--device", "cpu")
+    p = run_script("sdd.py", "--data-root", embedded, "--out-dir", tmp_path, "--epochs", "1",
+                   "--batch-size", "32", "--lr", "0", "--precision", "bf16", "--device", "cpu")
     assert p.returncode == 0, p.stderr
     epoch = json.loads((tmp_path / "results.json").read_text())["history"][1]
     assert epoch["w_sig_mean"] == 1.0 and epoch["partitions"]["clean_insignificant"] == 0
 
 
 def test_the_bank_and_the_look_ahead_copy_written_out_again_are_npcs():
-    """sdd.py repeats NPC's neighbour search, memory-pair dataset and in-place copy so that it reads alone; the
-    copies must stay NPC's (the NPC tests check NPC's against brute force and against the main optimiser)."""
+    """sdd.py repeats NPC's neighbour search, memory-pair dataset and in-place copy so that it reads alone;
+    the copies must stay NPC's (the NPC tests check NPC's against brute force and against the main
+    optimiser)."""
     g = torch.Generator().manual_seed(1)
-    img, txt = F.normalize(torch.randn(30, 8, generator=g), dim=1), F.normalize(torch.randn(150, 8, generator=g), dim=1)
+    img = F.normalize(torch.randn(30, 8, generator=g), dim=1)
+    txt = F.normalize(torch.randn(150, 8, generator=g), dim=1)
     pool, owner = np.flatnonzero(torch.rand(150, generator=g).numpy() > 0.6), torch.arange(150) // 5
-    for got, want in zip(sdd.neighbours(img, txt, owner, pool), npc.neighbours(img, txt, owner, pool), strict=True):
+    for got, want in zip(sdd.neighbours(img, txt, owner, pool), npc.neighbours(img, txt, owner, pool),
+                         strict=True):
         assert np.array_equal(got, want)
     pairs = [(torch.full((2,), float(k)), torch.tensor([k]), k) for k in range(6)]
     bank_img, bank_txt = np.array([1, 0, 3, 2, 5, 4]), np.array([2, 2, 2, 5, 5, 5])
-    assert all(str(sdd.WithMemory(pairs, bank_img, bank_txt)[k]) == str(npc.WithMemory(pairs, bank_img, bank_txt)[k])
-               for k in range(6))
+    sdd_pairs = sdd.WithMemory(pairs, bank_img, bank_txt)
+    npc_pairs = npc.WithMemory(pairs, bank_img, bank_txt)
+    assert all(str(sdd_pairs[k]) == str(npc_pairs[k]) for k in range(6))
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
