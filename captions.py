@@ -119,6 +119,15 @@ def cider(candidates, references):
 
 
 # ---- Generation and reports, for nlip.py
+def lm_inputs(concepts, words):
+    """Decoder input and target of [c_1..c_k, <bos>, w_1..w_T, <eos>, <pad>..]: concepts (B, k), words (B, T)
+    -> (B, k+T), (B, k+T). The prompt is given, never predicted: its targets, and padding's, are -100."""
+    seq = torch.cat([concepts, torch.full_like(concepts[:, :1], BOS), words], 1)  # (B, k+1+T)
+    target = seq[:, 1:].masked_fill(seq[:, 1:] == PAD, -100)  # (B, k+T) next word; none on padding
+    target[:, :concepts.shape[1]] = -100  # nor on the positions that would predict c_2..c_k and <bos>
+    return seq[:, :-1], target
+
+
 @torch.no_grad()
 def generate(captioner, patches, concepts, length, beam=1):
     """Word ids (B, <= length) of the most likely caption after [concepts, <bos>], greedy (beam 1) or by beam

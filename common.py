@@ -173,10 +173,15 @@ def info_nce(img, txt, scale, local=False):
     all_img, all_txt, offset = img, txt, 0
     if not local and world() > 1:
         all_img, all_txt, offset = gather(img), gather(txt), rank() * len(img)
-    labels = torch.arange(len(img), device=img.device) + offset
-    l_i2t = F.cross_entropy(scale * img @ all_txt.T, labels, reduction="none")  # (B,)
-    l_t2i = F.cross_entropy(scale * txt @ all_img.T, labels, reduction="none")  # (B,)
-    return (l_i2t + l_t2i) / 2
+    # ---- EXERCISE info_nce: img, txt (B, D), all_img, all_txt (n, D), offset, scale () -> l (B,) ----
+    # CLIP's symmetric cross-entropy, kept per sample (no mean). Row i's positive is column p = offset + i:
+    #   l_i = (-log softmax_j(s img_i . all_txt_j)[p] - log softmax_j(s txt_i . all_img_j)[p]) / 2
+    labels = torch.arange(len(img), device=img.device) + offset  # (B,) the positives' columns
+    l_i2t = F.cross_entropy(scale * img @ all_txt.T, labels, reduction="none")  # (B,) image -> its caption
+    l_t2i = F.cross_entropy(scale * txt @ all_img.T, labels, reduction="none")  # (B,) caption -> its image
+    l = (l_i2t + l_t2i) / 2  # (B,)
+    # ---- END EXERCISE ----
+    return l
 
 
 @torch.no_grad()
@@ -197,8 +202,15 @@ def gmm_fit(x, max_iter=100):
 def gmm_clean_prob(x, higher_is_clean=False, max_iter=100):
     """GMM(2) on a per-sample statistic x (N,), min-max normalised -> posterior of the clean component (N,):
     the lower-mean component for a loss, the higher-mean one for a similarity."""
-    gmm, x = gmm_fit(x, max_iter)
-    return gmm.predict_proba(x)[:, gmm.means_.argmax() if higher_is_clean else gmm.means_.argmin()]
+    gmm, x = gmm_fit(x, max_iter)  # the fitted mixture, x (N, 1) scaled to [0, 1]
+    # ---- EXERCISE gmm_clean_prob: gmm (fitted, 2 components), x (N, 1), higher_is_clean -> p_clean (N,) ----
+    # The memorization effect (NCR): clean pairs are learnt first, so they sit in the low-loss component.
+    #   p_clean_i = pi_c N(x_i; mu_c, var_c) / sum_k pi_k N(x_i; mu_k, var_k)   (gmm.predict_proba gives it)
+    #   c = argmin_k mu_k for a loss, argmax_k mu_k for a similarity: by the means, never by index
+    clean = gmm.means_.argmax() if higher_is_clean else gmm.means_.argmin()  # the clean component
+    p_clean = gmm.predict_proba(x)[:, clean]  # (N,)
+    # ---- END EXERCISE ----
+    return p_clean
 
 
 # ---- Retrieval evaluation, any number of captions per image

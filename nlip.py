@@ -166,25 +166,18 @@ class NLIP(torch.nn.Module):
         return F.normalize(img, dim=-1), txt, self.clip.logit_scale.exp(), lm
 
 
-def lm_inputs(concepts, words):
-    """Decoder input and target of [c_1..c_k, <bos>, w_1..w_T, <eos>, <pad>..]: concepts (B, k), words (B, T)
-    -> (B, k+T), (B, k+T). The prompt is given, never predicted: its targets, and padding's, are -100."""
-    seq = torch.cat([concepts, torch.full_like(concepts[:, :1], captions.BOS), words], 1)  # (B, k+1+T)
-    target = seq[:, 1:].masked_fill(seq[:, 1:] == captions.PAD, -100)  # (B, k+T) next word; none on padding
-    target[:, :concepts.shape[1]] = -100  # nor on the positions that would predict c_2..c_k and <bos>
-    return seq[:, :-1], target
-
-
 # ---- the two schemes
 def harmonized_loss(img, txt, scale, eps, lam):
     """L_NITC per sample: img, txt (B, D) normalised, scale (), eps (B,) noise probabilities -> (B,). eps = 0
     is InfoNCE. Under DDP the columns are the gathered global batch, as in common.info_nce."""
     all_img, all_txt = common.gather(img), common.gather(txt)  # (n, D), n = W*B columns
     offset = common.rank() * len(img)
-    # ---- EXERCISE harmonized_loss: img, txt, all_img, all_txt, offset, scale, eps (B,), lam -> (B,) ----
-    # NLIP: omega_i = lambda eps_i, here a margin (in cosine) granted to pair i's positive: its loss is met at
-    # a
-    # similarity omega_i lower, so the likelier a pair is noise, the lower the similarity it settles at.
+    # ---- EXERCISE harmonized_loss: img, txt, all_img, all_txt, offset, scale, eps, lam -> loss ----
+    # img, txt (B, D), all_img, all_txt (n, D), scale (), eps (B,), lam a float -> loss (B,).
+    # NLIP: omega_i = lambda eps_i, a margin (in cosine) granted to pair i's positive, column p = offset + i:
+    # the likelier a pair is noise, the lower the similarity it settles at.
+    #   l_i = (-log softmax_j(s (img_i . all_txt_j + omega_i [j = p]))[p]
+    #          - log softmax_j(s (txt_i . all_img_j + omega_i [j = p]))[p]) / 2
     omega = lam * eps  # (B,)
     rows = torch.arange(len(img), device=img.device)
     labels = rows + offset  # (B,) the positive's column
@@ -201,7 +194,8 @@ def complete(eps, threshold, rng):
     """Which pairs train on their image's generated caption this epoch: eps (N,) -> synthetic (N,) bool."""
     # ---- EXERCISE complete: eps (N,), threshold, rng -> synthetic (N,) bool ----
     # NLIP's noise completion: replace a caption that is likely noise; mix raw and synthetic for the rest, a
-    # pair taking the synthetic caption with probability eps_i (drawn anew each epoch).
+    # pair taking the synthetic caption with probability eps_i (drawn anew each epoch, from rng alone):
+    #   synthetic_i = eps_i > threshold  or  u_i < eps_i,   u_i ~ U[0, 1)
     replace = eps > threshold  # (N,)
     mix = rng.random(len(eps)) < eps  # (N,)
     synthetic = replace | mix  # (N,)
@@ -214,8 +208,14 @@ def complete(eps, threshold, rng):
 def noise_probability(img, txt, owner, scale, batch_size, seed):
     """eps (N,): 1 - the GMM clean posterior of each pair's InfoNCE, the pairs' raw captions in seeded random
     batches (as npc.py). img (n_img, D), txt (N, D) normalised, owner (N,) the image of each pair."""
-    loss = common.pair_losses(img[owner], txt, scale, batch_size, seed)  # (N,)
-    return 1 - common.gmm_clean_prob(loss)
+    # ---- EXERCISE noise_probability: img, txt, owner, scale, batch_size, seed -> eps (N,) ----
+    # The memorization effect: a noisy pair is learnt late, so after a warm-up it has the higher InfoNCE loss.
+    #   l_k = InfoNCE of pair k, its image img[owner[k]] and its caption txt[k], in seeded random batches
+    #         of batch_size (common.pair_losses);   eps_k = 1 - p_clean(l_k), by common.gmm_clean_prob
+    loss = common.pair_losses(img[owner], txt, scale, batch_size, seed)  # (N,) l_k
+    eps = 1 - common.gmm_clean_prob(loss)  # (N,)
+    # ---- END EXERCISE ----
+    return eps
 
 
 @torch.no_grad()
@@ -344,7 +344,7 @@ def main():
         t0, nitcs, lms = time.time(), [], []
         for i, (images, tokens, k) in enumerate(loader):
             lr = runs.set_lr(opt, epoch * steps + i, args.epochs * steps, args.warmup, args.lr)
-            dec_in, dec_target = lm_inputs(concepts[train.img_of_cap[k]], words[k])  # (B, k+T) each
+            dec_in, dec_target = captions.lm_inputs(concepts[train.img_of_cap[k]], words[k])  # (B, k+T) each
             images = pixels.normalize(images.to(device))  # (B, 3, H, W)
             tokens = tokens.to(device)  # (B, L)
             with amp:

@@ -115,9 +115,17 @@ def neighbours(img, txt, owner, clean):
     clean pair whose caption is nearest to k's caption (cosine; a clean pair is its own text-side neighbour).
     img (n_img, D), txt (N, D) normalised, owner (N,) image of each pair, clean (C,) pair indices
     -> bank_img, bank_txt (N,)."""
-    c = torch.as_tensor(clean, device=img.device)
+    # ---- EXERCISE neighbours: img, txt, owner, clean (C,) -> bank_img, bank_txt (N,) pair indices ----
+    # For every pair k, the clean pair nearest to it on each side (normalised features: cosine = dot product;
+    # nearest(queries, keys) gives each query's argmax over the keys):
+    #   bank_img[k] = argmax_{c in C} img[owner[k]] . img[owner[c]]
+    #   bank_txt[k] = argmax_{c in C} txt[k] . txt[c]
+    c = torch.as_tensor(clean, device=img.device)  # (C,)
     nearest_image = nearest(img, img[owner[c]])  # (n_img,) index into clean of the nearest clean image
-    return clean[nearest_image[owner.cpu().numpy()]], clean[nearest(txt, txt[c])]
+    bank_img = clean[nearest_image[owner.cpu().numpy()]]  # (N,) each pair takes its image's
+    bank_txt = clean[nearest(txt, txt[c])]  # (N,)
+    # ---- END EXERCISE ----
+    return bank_img, bank_txt
 
 
 def memory_bank(img, txt, owner, scale, is_noisy, args):
@@ -177,7 +185,9 @@ def copy_into(siamese, siamese_opt, model, opt):
 def npc_weight(l_I, l_T, l_I_after, l_T_after):
     """NPC's weight from the memory losses before and after the look-ahead, each (B,) -> w (B,), detached."""
     # ---- EXERCISE npc_weight: l_I, l_T, l_I_after, l_T_after (B,) -> w (B,) ----
-    # A step on pair i that raises the loss of its clean memory pairs (a ratio below 1) would harm the model.
+    # A step on pair i that raises the loss of its clean memory pairs (a ratio below 1) would harm the model:
+    #   r_i = (l^I_i(t) / l^I_i(t+1) + l^T_i(t) / l^T_i(t+1)) / 2      w_i = tanh(r_i) if r_i < 1 else 1
+    # (t: under A, before the look-ahead step; t+1: under A', after it)
     r_img = l_I / l_I_after  # (B,) l^I_i(t) / l^I_i(t+1), image-side memory pair
     r_txt = l_T / l_T_after  # (B,) l^T_i(t) / l^T_i(t+1), text-side memory pair
     r = (r_img + r_txt) / 2  # (B,) r_i

@@ -134,12 +134,13 @@ def threshold(name, value, auto):
 def self_drop(S, alpha):
     """SDD's per-epoch partition from the similarities S (N,) of every pair -> keep (N,) bool, w_con (N,)."""
     # ---- EXERCISE self_drop: S (N,), alpha -> keep (N,), w_con (N,) ----
-    # Self-drop: a pair at or below alpha is taken for noisy and leaves this epoch's partial set D_p.
+    # Self-drop: a pair at or below alpha is taken for noisy and leaves this epoch's partial set D_p:
+    #   keep_i = S_i > alpha
+    # Confidence: the posterior of the high-similarity GMM component over all pairs (common.gmm_clean_prob,
+    # official max_iter 10), min-max scaled so that the surest pair weighs 1 and the least sure 0:
+    #   w_con_i = (p_i - min_j p_j) / (max_j p_j - min_j p_j)
     keep = S > alpha  # (N,) D_p
-    # Confidence: the posterior of the high-similarity GMM component, over all pairs (official max_iter 10)
-    # ...
     p_clean = common.gmm_clean_prob(S, higher_is_clean=True, max_iter=10)  # (N,)
-    # ... min-max scaled over all pairs, so the surest pair weighs 1 and the least sure 0.
     w_con = (p_clean - p_clean.min()) / max(p_clean.max() - p_clean.min(), 1e-12)  # (N,)
     # ---- END EXERCISE ----
     return keep, w_con
@@ -157,9 +158,17 @@ def neighbours(img, txt, owner, pool):
     pool pair whose caption is nearest to k's caption (cosine; a pool pair is its own text-side neighbour).
     img (n_img, D), txt (N, D) normalised, owner (N,) image of each pair, pool (P,) pair indices
     -> bank_img, bank_txt (N,)."""
-    p = torch.as_tensor(pool, device=img.device)
+    # ---- EXERCISE neighbours: img, txt, owner, pool (P,) -> bank_img, bank_txt (N,) pair indices ----
+    # For every pair k, the pool pair nearest to it on each side (normalised features: cosine = dot product;
+    # nearest(queries, keys) gives each query's argmax over the keys):
+    #   bank_img[k] = argmax_{c in P} img[owner[k]] . img[owner[c]]
+    #   bank_txt[k] = argmax_{c in P} txt[k] . txt[c]
+    p = torch.as_tensor(pool, device=img.device)  # (P,)
     nearest_image = nearest(img, img[owner[p]])  # (n_img,) index into pool of the nearest pool image
-    return pool[nearest_image[owner.cpu().numpy()]], pool[nearest(txt, txt[p])]
+    bank_img = pool[nearest_image[owner.cpu().numpy()]]  # (N,) each pair takes its image's
+    bank_txt = pool[nearest(txt, txt[p])]  # (N,)
+    # ---- END EXERCISE ----
+    return bank_img, bank_txt
 
 
 class WithMemory(torch.utils.data.Dataset):
@@ -202,9 +211,10 @@ def dual_weight(w_con, l_I, l_T, l_I_after, l_T_after):
     -> w_sig (B,), w (B,), detached."""
     # ---- EXERCISE dual_weight: w_con, l_I, l_T, l_I_after, l_T_after (B,) -> w_sig (B,), w (B,) ----
     # Significance, as NPC: does a step on pair i lower (r > 1) or raise (r < 1) the loss of its memory pairs?
+    #   r_i = (l^I_i(t) / l^I_i(t+1) + l^T_i(t) / l^T_i(t+1)) / 2      w_sig_i = tanh(r_i) if r_i < 1 else 1
+    # The dual weight, how sure the pair is clean times how much it helps:  w_i = w_sig_i * w_con_i
     r = (l_I / l_I_after + l_T / l_T_after) / 2  # (B,) r_i
-    w_sig = torch.where(r < 1, torch.tanh(r), torch.ones_like(r))  # (B,) tanh(r_i) if r_i < 1 else 1
-    # The dual weight: how sure the pair is clean, times how much it helps.
+    w_sig = torch.where(r < 1, torch.tanh(r), torch.ones_like(r))  # (B,)
     w = w_sig * w_con  # (B,)
     # ---- END EXERCISE ----
     return w_sig.detach(), w.detach()

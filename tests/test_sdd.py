@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_script, stop_after_first_epoch
-from sklearn.mixture import GaussianMixture
 
 import npc
 import sdd
@@ -18,18 +17,6 @@ def _mixture(n_clean=600, n_noisy=400, seed=0):
     rng = np.random.default_rng(seed)
     cos = np.concatenate([rng.normal(0.7, 0.1, n_clean), rng.normal(0.0, 0.2, n_noisy)])
     return cos, np.arange(n_clean + n_noisy) >= n_clean  # cosines, is_noisy
-
-
-def test_self_drop_matches_a_direct_computation():
-    cos, is_noisy = _mixture()
-    keep, w_con = sdd.self_drop(cos, 0.4)
-    assert keep.dtype == bool and (keep == (cos > 0.4)).all()
-    x = ((cos - cos.min()) / (cos.max() - cos.min())).reshape(-1, 1)  # what common.gmm_clean_prob fits
-    gmm = GaussianMixture(2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(x)
-    p = gmm.predict_proba(x)[:, gmm.means_.argmax()]
-    assert w_con == pytest.approx((p - p.min()) / (p.max() - p.min()))
-    assert w_con.min() == 0 and w_con.max() == 1
-    assert w_con[~is_noisy].mean() > 0.9 and w_con[is_noisy].mean() < 0.1
 
 
 def test_dual_weight_on_hand_made_and_random_cases():
