@@ -1,8 +1,10 @@
-"""Benchmark: every method at every noise ratio, one seed and one budget, printed as the papers' tables are.
+"""Benchmark: every method at every noise ratio, one budget, over training seeds, printed as the papers'
+tables are.
 
     python bench.py                   # embedded data, tiny CLIP, CPU (2 cores: see the README for the time)
     python bench.py --quick           # CI size: small generated data, 1 epoch, noise 0.4 (2-3 min on 2 cores)
     python bench.py --methods baseline sdd --noise 0.4 0.8
+    python bench.py --seeds 99 0 1 --noise 0.4     # three training seeds: rSum as mean +- sd
     # the paper's table, ViT-B-32 'openai', 8 GPUs
     python bench.py --dataset f30k --data-root /data/f30k --nproc 8
     # input pipeline
@@ -11,13 +13,15 @@
 
 Each run is the method's own script in a subprocess, with the dataset's defaults and the same seed, noise
 seed, epochs and batch size for all (the budget); each method keeps its own learning rate and settings. Runs
-go to <out-dir>/<method>-n<noise>/ with their log, checkpoints and results.json. A run whose results.json and
-bench.json show the same command and the same source code is reused, so a stopped bench goes on where it
-stopped (--fresh: run everything again). The table goes to <out-dir>/table.md and everything to
-<out-dir>/bench.json.
+go to <out-dir>/<method>-n<noise>-s<seed>/ with their log, checkpoints and results.json. A run whose
+results.json and bench.json show the same command and the same source code (its script and the shared files:
+a change to another method's script keeps it) is reused, so a stopped bench goes on where it stopped
+(--fresh: run everything again). The table goes to <out-dir>/table.md and everything to <out-dir>/bench.json.
 
-Columns: the six recalls and rSum on the test split (best dev epoch); rSum as a share of the clean-only
-upper bound at the same noise (baseline.py --clean-only; at noise 0 the baseline is that bound);
+Columns, each the mean over the seeds (the noise seed stays fixed): the six recalls and rSum on the test split
+(best dev epoch), rSum with its sample sd when there are several seeds; rSum as a share of the clean-only
+upper bound at the same noise, from the means (baseline.py --clean-only; at noise 0 the baseline is that
+bound);
 noise-detection ROC-AUC of the clean/noisy split against the true mask (npc: its memory bank's GMM on the
 starting model; sdd: w_con of the last epoch; nlip: 1 - eps of the last epoch); wall time per epoch (the
 whole run, set-up, memory banks, scans, evaluation included, divided by its epochs) and its ratio to the
@@ -56,15 +60,20 @@ import npc
 import runs
 
 ROOT = Path(__file__).resolve().parent
-# the table's rows, in order; clean (the upper bound) first
+# the table's rows, in order; clean (the upper bound) first. The last three run only when asked for:
+# baseline-long is the baseline given NPC's compute (COMPUTE_MATCHED times the epochs: NPC's step costs 13
+# forward-equivalents a pair against a plain step's 3), npc-refresh and npc-w1 NPC's two variants
 METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"],
-           "sdd": ["sdd.py"], "nlip": ["nlip.py"]}
+           "sdd": ["sdd.py"], "nlip": ["nlip.py"], "baseline-long": ["baseline.py"],
+           "npc-refresh": ["npc.py", "--refresh-bank"], "npc-w1": ["npc.py", "--no-lookahead"]}
+DEFAULT_METHODS = ["clean", "baseline", "npc", "sdd", "nlip"]
+COMPUTE_MATCHED = 13 / 3
 QUICK = {"sizes": {"pretrain": 600, "train": 240, "dev": 100, "test": 100}, "epochs": 1, "batch_size": 32,
          "warmup": 3}
 
 p = runs.OneLineParser(__doc__)
-p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-               help="which rows (default: all)")
+p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+               help=f"which rows (default: {' '.join(DEFAULT_METHODS)})")
 p.add_argument("--noise", nargs="+", type=float,
                help="noise ratios in [0, 1) (default: 0 0.2 0.4 0.6 0.8; --quick: 0.4)")
 p.add_argument("--dataset", default="embedded", choices=data.DATASETS, help="which data (default: embedded)")
@@ -72,7 +81,7 @@ p.add_argument("--data-root",
                help="dataset folder (embedded: data/embedded, or a small one of its own with --quick)")
 p.add_argument("--epochs", type=int, help="epochs of every run (default: the dataset's)")
 p.add_argument("--batch-size", type=int, help="batch of every run (default: the dataset's)")
-p.add_argument("--seed", type=int, default=99, help="training seed of every run")
+p.add_argument("--seeds", nargs="+", type=int, default=[99], help="training seeds, each a run of every cell")
 p.add_argument("--noise-seed", type=int, default=0, help="noise permutation seed of every run")
 p.add_argument("--device", help="passed to every run (default: cuda if available)")
 p.add_argument("--nproc", type=int, default=1,
@@ -90,21 +99,27 @@ p.add_argument("--agreement", action="store_true",
                help="measure the look-ahead ratio's bf16/fp32 agreement only")
 
 
-def source_hash():
-    """Digest of the code every run executes: a change to any of it makes finished runs stale."""
-    files = sorted(f for f in ROOT.glob("*.py") if f.name not in ("bench.py", "eval.py"))
+def source_hash(method):
+    """Digest of the code a method's runs execute, its script and the shared files: a change to any of it
+    makes its finished runs stale."""
+    scripts = {script for script, *_ in METHODS.values()}
+    shared = [f for f in ROOT.glob("*.py") if f.name not in (*scripts, "bench.py", "eval.py", "exercises.py")]
+    files = sorted([*shared, ROOT / METHODS[method][0]])
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 
-def command(method, noise, args, budget):
+def command(method, noise, seed, args, budget):
     """The argv of one run (without --out-dir)."""
     script, *flags = METHODS[method]
     launch = [sys.executable]
     if args.nproc > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    epochs = budget["epochs"]
+    if method == "baseline-long":
+        epochs = round(epochs * COMPUTE_MATCHED)
     argv = launch + [str(ROOT / script), *flags, "--dataset", args.dataset, "--noise", f"{noise:g}",
-                     "--seed", str(args.seed), "--noise-seed", str(args.noise_seed),
-                     "--epochs", str(budget["epochs"]), "--batch-size", str(budget["batch_size"]),
+                     "--seed", str(seed), "--noise-seed", str(args.noise_seed),
+                     "--epochs", str(epochs), "--batch-size", str(budget["batch_size"]),
                      "--warmup", str(budget["warmup"])]
     argv += ["--data-root", str(args.data_root)] if args.data_root else []
     argv += ["--device", args.device] if args.device else []
@@ -120,65 +135,79 @@ def portable(argv):
     return [Path(argv[0]).name] + [Path(a).name if a.endswith(".py") else a for a in argv[1:]]
 
 
-def run(method, noise, args, budget, code):
-    """Run (or reuse) one cell -> dict with results.json, wall seconds and the command."""
-    out = Path(args.out_dir) / f"{method}-n{noise:g}"
-    argv = command(method, noise, args, budget)
+def run(method, noise, seed, args, budget):
+    """Run (or reuse) one cell and seed -> dict with results.json, wall seconds and the command."""
+    out = Path(args.out_dir) / f"{method}-n{noise:g}-s{seed}"
+    argv = command(method, noise, seed, args, budget)
+    code = source_hash(method)
     key = {"argv": argv, "code": code}
     if not args.fresh and (out / "results.json").is_file() and (out / "bench.json").is_file():
         done = json.loads((out / "bench.json").read_text())
         if (portable(done["argv"]), done["code"]) == (portable(argv), code):
-            print(f"{method:>8} noise {noise:g}: reused {out}", flush=True)
+            print(f"{method:>8} noise {noise:g} seed {seed}: reused {out}", flush=True)
             return dict(done, results=json.loads((out / "results.json").read_text()))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    print(f"{method:>8} noise {noise:g}: {' '.join(argv[1:])} --out-dir {out}", flush=True)
+    print(f"{method:>8} noise {noise:g} seed {seed}: {' '.join(argv[1:])} --out-dir {out}", flush=True)
     t0 = time.time()
     p = subprocess.run(argv + ["--out-dir", str(out)], capture_output=True, text=True, check=False)
     wall = time.time() - t0
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"{method:>8} noise {noise:g}: FAILED (exit {p.returncode}): {tail}", flush=True)
+        print(f"{method:>8} noise {noise:g} seed {seed}: FAILED (exit {p.returncode}): {tail}", flush=True)
         return None
     done = dict(key, wall_s=wall, finished=time.strftime("%Y-%m-%d %H:%M"))
     data.atomic_write(out / "bench.json", lambda f: f.write(json.dumps(done, indent=1).encode()))
-    print(f"{method:>8} noise {noise:g}: done in {wall / 60:.1f} min", flush=True)
+    print(f"{method:>8} noise {noise:g} seed {seed}: done in {wall / 60:.1f} min", flush=True)
     return dict(done, results=json.loads((out / "results.json").read_text()))
 
 
 def detection_auc(method, res):
     """ROC-AUC of the method's clean/noisy split against the true mask (None: no split, or no noise)."""
-    if method == "npc":
+    if method.startswith("npc"):
         return res["memory_bank"]["auc"]
     last = res["history"][-1]
     return {"sdd": last.get("w_con_auc"), "nlip": last.get("eps_auc")}.get(method)
 
 
+def summary(runs):
+    """The mean over a cell's seeds of what the table shows, and rSum's sample sd (None for one seed)."""
+    recalls = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    tests = [r["results"]["test"] for r in runs]
+    aucs = [a for a in (detection_auc(r["method"], r["results"]) for r in runs) if a is not None]
+    out = {k: float(np.mean([t[k] for t in tests])) for k in recalls}
+    out["rsum_sd"] = float(np.std([t["rsum"] for t in tests], ddof=1)) if len(runs) > 1 else None
+    out["auc"] = float(np.mean(aucs)) if aucs else None
+    out["s_per_epoch"] = float(np.mean([r["wall_s"] / r["results"]["args"]["epochs"] for r in runs]))
+    out["peak_gib"] = float(np.mean([r["results"].get("peak_memory_gib", np.nan) for r in runs]))
+    out["seeds"] = len(runs)
+    return out
+
+
 def table(cells, methods, noises):
-    """The markdown table: one block of rows per noise ratio."""
-    head = ("| noise | method | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | % of clean-only "
+    """The markdown table: one block of rows per noise ratio, each row the mean over its seeds."""
+    head = ("| noise | method | seeds | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | % of clean-only "
             "| detection AUC | s / epoch | x baseline | peak GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    recalls = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    recalls = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
     for noise in noises:
-        ref = cells.get(("clean", noise) if noise > 0 else ("baseline", noise))
-        base = cells.get(("baseline", noise))
+        rows = {m: summary(cells[(m, noise)]) for m in methods if cells.get((m, noise))}
+        ref = rows.get("clean" if noise > 0 else "baseline")
+        base = rows.get("baseline")
         for m in methods:
-            c = cells.get((m, noise))
             if m == "clean" and noise == 0:
                 continue  # the baseline at noise 0 trains on the clean pairs
+            c = rows.get(m)
             if c is None:
-                lines.append(f"| {noise:g} | {m} | failed or not run |" + " |" * 11)
+                lines.append(f"| {noise:g} | {m} | failed or not run |" + " |" * 12)
                 continue
-            r, res = c["results"]["test"], c["results"]
-            per_epoch = c["wall_s"] / res["args"]["epochs"]
-            auc = detection_auc(m, res)
+            rsum = f"{c['rsum']:.1f}" + (f" ± {c['rsum_sd']:.1f}" if c["rsum_sd"] is not None else "")
             lines.append("| " + " | ".join([
-                f"{noise:g}", m, *(f"{r[k]:.1f}" for k in recalls),
-                f"{100 * r['rsum'] / ref['results']['test']['rsum']:.1f}" if ref else "",
-                f"{auc:.3f}" if auc is not None else "-", f"{per_epoch:.1f}",
-                f"{per_epoch / (base['wall_s'] / base['results']['args']['epochs']):.2f}" if base else "",
-                f"{res.get('peak_memory_gib', float('nan')):.2f}"]) + " |")
+                f"{noise:g}", m, str(c["seeds"]), *(f"{c[k]:.1f}" for k in recalls), rsum,
+                f"{100 * c['rsum'] / ref['rsum']:.1f}" if ref else "",
+                f"{c['auc']:.3f}" if c["auc"] is not None else "-", f"{c['s_per_epoch']:.1f}",
+                f"{c['s_per_epoch'] / base['s_per_epoch']:.2f}" if base else "",
+                f"{c['peak_gib']:.2f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -290,24 +319,28 @@ def main():
     budget.update({k: QUICK[k] for k in ("epochs", "batch_size", "warmup")} if args.quick else {})
     given = (("epochs", args.epochs), ("batch_size", args.batch_size))
     budget.update({k: v for k, v in given if v is not None})
-    code, methods = source_hash(), [m for m in METHODS if m in args.methods]  # clean first: the reference
-    print(f"bench: {methods} x noise {noises}, budget {budget}, out {args.out_dir}", flush=True)
+    methods = [m for m in METHODS if m in args.methods]  # clean first: the reference
+    print(f"bench: {methods} x noise {noises} x seeds {args.seeds}, budget {budget}, out {args.out_dir}",
+          flush=True)
 
-    cells = {}
+    cells = {}  # (method, noise) -> the finished runs of its seeds
     for noise in noises:
-        for m in methods:
-            if not (m == "clean" and noise == 0):
-                cells[(m, noise)] = run(m, noise, args, budget, code)
+        for seed in args.seeds:
+            for m in methods:
+                if not (m == "clean" and noise == 0):
+                    cells.setdefault((m, noise), []).append(run(m, noise, seed, args, budget))
+    failed = sum(r is None for runs_ in cells.values() for r in runs_)
+    cells = {key: [dict(r, method=key[0]) for r in runs_ if r] for key, runs_ in cells.items()}
     md = table(cells, methods, noises)
     print(md)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     data.atomic_write(Path(args.out_dir) / "table.md", lambda f: f.write((md + "\n").encode()))
-    done = [dict(method=m, noise=n, **(c or {"failed": True})) for (m, n), c in cells.items()]
-    summary = {"budget": budget, "code": code, "runs": done}
+    done = [dict(r, noise=n) for (m, n), runs_ in cells.items() for r in runs_]
+    rows = {f"{m} {n:g}": summary(runs_) for (m, n), runs_ in cells.items() if runs_}
+    report = {"budget": budget, "seeds": args.seeds, "rows": rows, "runs": done}
     data.atomic_write(Path(args.out_dir) / "bench.json",
-                      lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    if any(c is None for c in cells.values()):
-        failed = sum(c is None for c in cells.values())
+                      lambda f: f.write(json.dumps(report, indent=1).encode()))
+    if failed:
         raise data.UserError(f"{failed} runs failed; their logs are under {args.out_dir}")
 
 

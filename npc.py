@@ -9,7 +9,8 @@ trained on.
 
     python npc.py                        # embedded data, tiny CLIP, CPU
     python npc.py --noise 0.8
-    python npc.py --official-form        # the official code's form, for comparison (see below)
+    python npc.py --official-loss        # the official code's loss, for comparison (see below)
+    python npc.py --no-lookahead         # the ablation w = 1: the memory term without the weight
     python npc.py --dataset f30k --data-root /data/f30k --noise 0.4      # ViT-B-32 'openai' on a GPU
     torchrun --standalone --nproc_per_node=4 npc.py --dataset coco --data-root /data/coco
 
@@ -28,19 +29,26 @@ same clipping.
 
 Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
   - per-sample weights: the official batch losses are means, so its w collapses to one scale per batch,
-    mean(w) * mean(l); the paper weights each l_i. --official-form restores the collapse.
+    mean(w) * mean(l); the paper weights each l_i. --official-loss restores the collapse.
   - the memory term is trained on (under A, with gradient), as in the paper; the official code computes it on
-    A' under no_grad, a constant that changes nothing. --official-form restores the constant.
-  - the look-ahead backward runs once; the official code calls backward() twice, doubling the gradient before
-    clipping.
+    A' under no_grad, a constant that changes nothing. --official-loss restores the constant.
+    --official-loss reproduces the official loss only: the four deviations below stay.
+  - the look-ahead backward runs once; the official code calls backward() twice, doubling the gradient. The
+    look-ahead step is clipped at norm 10, as A's; the official siamese step is not clipped.
   - the look-ahead starts from A's AdamW moments each step; the official siamese optimiser keeps its own
     moments across steps although its weights are reset each step, so its step is not the one A would take.
   - neighbours are searched with normalised features on both sides (the official search leaves the clean ones
     raw).
   - the bank is built here, deterministically, from the starting model (the official code needs a separate
     script and an .npy file). Its per-sample losses come from seeded random batches of --batch-size pairs, so
-    that a batch rarely holds several captions of one image. With --resume it is rebuilt from the starting
-    model, identically.
+    that a batch rarely holds several captions of one image (the official batches are sequential: 5 captions
+    of one image side by side). The GMM sees the losses min-max scaled to [0, 1] (common.gmm_fit), so its
+    reg_covar 5e-4 is relative to their range; the official GMM fits the raw losses. With --resume the bank
+    is rebuilt from the starting model, identically.
+  - --refresh-bank (off by default) rebuilds the bank from the current model before every epoch after the
+    first; the paper's bank is fixed. It is for a starting model that does not know the data, whose bank is
+    small and noisy: the bank line warns when the clean set is under half of the pairs the GMM takes for clean
+    (the sum of p_clean), a sign read off the GMM alone.
   - the memory losses before and after the look-ahead are computed in fp32, without gradient, even when
     training runs in bf16: at the real-data lr (1e-5) one step moves r by about as much as bf16 rounding does,
     and bf16 and fp32 then disagree on which pairs get w < 1 (README, "Precision"). This costs a separate
@@ -49,10 +57,16 @@ Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
 Defaults: those of baseline.py (embedded: batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
 Infrastructure as baseline.py. --compile compiles the training forwards and backwards of A and A'; the fp32
 memory passes stay eager: they call the bare modules without gradient, and their time is fp32 matrix products.
-On the embedded data the memory bank is sharp (its clean set is 96% clean), but the look-ahead weight
-separates clean from noisy pairs only weakly (mean w about 0.84 against 0.82): one step on a whole batch moves
-every memory loss, and a tiny model's per-sample share of that move is small. NPC's gain here comes from the
-memory term, which trains on clean pairs (with w = 1 it does as well); the README gives the measurements.
+What the memory term does: most memory pairs are the pair itself or a caption of its own image. A clean-set
+pair's text-side neighbour is itself, and its image-side neighbour a clean caption of its own image (the image
+features of one image's captions are equal). For a noisy pair, the image-side neighbour is a clean caption of
+its own image too. So the memory term trains every image with a caption the bank trusts: it works as label
+correction, and a clean-set pair's w is about 1 by construction. The bank line logs both shares; on the
+embedded data at noise 0.4, 39% of the memory pairs are the pair itself and 78% share its image (97% of the
+noisy pairs' image sides). And w differs between pairs only through which memory pairs are measured: A' takes
+one step on the whole batch, and every pair sees the same step. On the embedded data the look-ahead weight
+separates clean from noisy pairs only weakly (mean w about 0.84 against 0.82); NPC's gain here is the memory
+term's (--no-lookahead does as well); the README gives the measurements.
 """
 import copy
 import functools
@@ -100,7 +114,9 @@ parser.add_argument("--bank-threshold", type=float, default=0.9, help="clean set
 parser.add_argument("--no-image-cache", action="store_true", help="decode every image with PIL each time")
 parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of forwards (CUDA default: bf16)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training passes of A and A'")
-parser.add_argument("--official-form", action="store_true", help="official loss: batch-mean w, constant L_mb")
+parser.add_argument("--official-loss", action="store_true", help="official loss: batch-mean w, constant L_mb")
+parser.add_argument("--no-lookahead", action="store_true", help="the ablation w = 1: no look-ahead step")
+parser.add_argument("--refresh-bank", action="store_true", help="rebuild the bank from the model each epoch")
 
 
 # ---- the memory bank, once, from the starting model
@@ -139,11 +155,39 @@ def memory_bank(img, txt, owner, scale, is_noisy, args):
     if len(clean) == 0:
         raise data.UserError(f"the memory bank is empty: no pair has clean posterior > {args.bank_threshold}")
     bank_img, bank_txt = neighbours(img, txt, owner, clean)
+    memory = np.concatenate([bank_img, bank_txt])  # (2N,) every pair's two memory pairs
+    pair = np.tile(np.arange(len(txt)), 2)  # (2N,) whose they are
+    image = owner.cpu().numpy()  # (N,) the image of each pair
     auc = float(roc_auc_score(~is_noisy, p_clean)) if 0 < is_noisy.mean() < 1 else None
-    stats = {"size": len(clean), "precision": float(1 - is_noisy[clean].mean()),
-             "recall": float((~is_noisy[clean]).sum() / max(1, (~is_noisy).sum())), "auc": auc,
-             "noisy_memory_pairs": float(np.mean(is_noisy[np.concatenate([bank_img, bank_txt])]))}
+    stats = {"size": len(clean), "expected_clean": float(p_clean.sum()), "auc": auc}
+    stats["self"] = float(np.mean(memory == pair))  # the memory pair is the pair itself
+    stats["same_image"] = float(np.mean(image[memory] == image[pair]))  # a caption of the pair's own image
+    # against the true mask
+    stats["precision"] = float(1 - is_noisy[clean].mean())
+    stats["recall"] = float((~is_noisy[clean]).sum() / max(1, (~is_noisy).sum()))
+    stats["noisy_memory_pairs"] = float(np.mean(is_noisy[memory]))
+    own = image[bank_img[is_noisy]] == image[is_noisy]  # a noisy pair's image side: its own image?
+    stats["noisy_own_image"] = float(own.mean()) if is_noisy.any() else None
     return bank_img, bank_txt, stats
+
+
+def build_bank(model, train, pixels, tokenizer, device, is_noisy, args, log):
+    """The memory bank from the model's features of the training pairs, and its log lines."""
+    img, txt = common.features(model, train, pixels, tokenizer, device)  # (n_img, D), (N, D) normalised
+    owner = torch.as_tensor(train.img_of_cap, device=img.device)  # (N,) the image of each pair
+    scale = model.logit_scale.exp().item()
+    bank_img, bank_txt, bank = memory_bank(img, txt, owner, scale, is_noisy, args)
+    log(f"memory bank: clean set {bank['size']} of {len(txt)} pairs (p_clean > {args.bank_threshold}); "
+        f"against the true mask precision {bank['precision']:.3f} recall {bank['recall']:.3f}")
+    if bank["size"] < 0.5 * bank["expected_clean"]:  # read off the GMM alone: real data has no true mask
+        log(f"memory bank: warning: the clean set is {bank['size']} pairs ({bank['size'] / len(txt):.0%}), "
+            f"under half of the {bank['expected_clean']:.0f} the GMM takes for clean: the model tells the "
+            "pairs apart poorly, so the bank is small and may be noisy (--refresh-bank rebuilds it)")
+    log(f"memory bank: {bank['self']:.1%} of the memory pairs are the pair itself, {bank['same_image']:.1%} "
+        f"share its image (a noisy pair's image side: its own image for {bank['noisy_own_image'] or 0:.1%})")
+    log(f"memory bank: AUC {bank['auc'] or float('nan'):.3f}; "
+        f"{bank['noisy_memory_pairs']:.1%} of the memory pairs are noisy")
+    return bank_img, bank_txt, bank
 
 
 class WithMemory(torch.utils.data.Dataset):
@@ -198,7 +242,13 @@ def npc_weight(l_I, l_T, l_I_after, l_T_after):
 
 def main():
     args = parser.parse_args()  # with the defaults of the setting --dataset picks, checked (runs.Parser)
-    method = "npc-official" if args.official_form else "npc"
+    if args.official_loss and args.no_lookahead:
+        raise data.UserError("--official-loss and --no-lookahead together train plain InfoNCE: give one")
+    method = "npc"
+    if args.official_loss:
+        method = "npc-official-loss"
+    if args.no_lookahead:
+        method = "npc-no-lookahead"
     runs.claim_out_dir(args, method)  # refuses a folder holding another run, unless --resume or --overwrite
 
     # ---- setup
@@ -221,14 +271,10 @@ def main():
     evaluate = functools.partial(common.evaluate, pixels=pixels, tokenizer=tokenizer, device=device)
 
     # ---- the memory bank (from the starting model, also on --resume), and the siamese copy
-    img, txt = common.features(model, train, pixels, tokenizer, device)  # (n_img, D), (N, D) normalised
-    owner = torch.as_tensor(train.img_of_cap, device=img.device)  # (N,) the image of each pair
-    scale = model.logit_scale.exp().item()
-    bank_img, bank_txt, bank = memory_bank(img, txt, owner, scale, is_noisy, args)
-    log(f"memory bank: clean set {bank['size']} of {len(txt)} pairs (p_clean > {args.bank_threshold}); "
-        f"against the true mask precision {bank['precision']:.3f} recall {bank['recall']:.3f}")
-    log(f"memory bank: AUC {bank['auc'] or float('nan'):.3f}; "
-        f"{bank['noisy_memory_pairs']:.1%} of the memory pairs are noisy")
+    rebuild = functools.partial(build_bank, train=train, pixels=pixels, tokenizer=tokenizer, device=device,
+                                is_noisy=is_noisy, args=args, log=log)
+    bank_img, bank_txt, bank = rebuild(model)
+    start_bank = bank  # results.json's: the paper's bank, from the starting model
     pairs = WithMemory(data.Pairs(train, pixels, tokenizer), bank_img, bank_txt)
     loader = runs.loader(pairs, args.batch_size, args.workers, args.seed)
     if len(loader) == 0:
@@ -256,6 +302,8 @@ def main():
 
     # ---- training
     for epoch in range(start, args.epochs):
+        if args.refresh_bank and epoch > 0:  # a deviation from the paper, whose bank is fixed
+            pairs.bank_img, pairs.bank_txt, bank = rebuild(model)
         model.train()
         common.start_epoch(loader, args, epoch)
         t0, losses, ws, ks = time.time(), [], [], []
@@ -265,20 +313,22 @@ def main():
             tokens = tokens.to(device)  # (B, L)
             memory_images = pixels.normalize(torch.cat([images_I, images_T]).to(device))  # (2B, 3, H, W)
             memory_tokens = torch.cat([tokens_I, tokens_T]).to(device)  # (2B, L) image side, then text side
-            # the memory losses before the look-ahead, under A (A' equals A until its step), fp32
-            l_I, l_T = memory_losses(model, memory_images, memory_tokens)  # (B,) each
-            # look-ahead: A' <- A, one step of A' on the batch, then the memory losses again under A'
-            copy_into(siamese, siamese_opt, model, opt)
-            with amp:
-                lookahead_loss = common.info_nce(*siamese_net(images, tokens)).mean()
-            runs.train_step(siamese_net, siamese_opt, lookahead_loss)
-            l_I_after, l_T_after = memory_losses(siamese, memory_images, memory_tokens)  # (B,) each
-            w = npc_weight(l_I, l_T, l_I_after, l_T_after)  # (B,)
+            w = torch.ones(len(images), device=device)  # (B,) --no-lookahead: the memory term alone
+            if not args.no_lookahead:
+                # the memory losses before the look-ahead, under A (A' equals A until its step), fp32
+                l_I, l_T = memory_losses(model, memory_images, memory_tokens)  # (B,) each
+                # look-ahead: A' <- A, one step of A' on the batch, then the memory losses again under A'
+                copy_into(siamese, siamese_opt, model, opt)
+                with amp:
+                    lookahead_loss = common.info_nce(*siamese_net(images, tokens)).mean()
+                runs.train_step(siamese_net, siamese_opt, lookahead_loss)
+                l_I_after, l_T_after = memory_losses(siamese, memory_images, memory_tokens)  # (B,) each
+                w = npc_weight(l_I, l_T, l_I_after, l_T_after)  # (B,)
             # the batch and its memory pairs under A, one forward with gradient: l, m_I, m_T (B,) each
             with amp:
                 img, txt, scale = net(torch.cat([images, memory_images]), torch.cat([tokens, memory_tokens]))
                 l, m_I, m_T = (common.info_nce(a, b, scale) for a, b in zip(img.chunk(3), txt.chunk(3)))
-            if args.official_form:  # one weight scale per batch; the memory term a constant
+            if args.official_loss:  # one weight scale per batch; the memory term a constant
                 loss = w.mean() * l.mean() + (m_I + m_T).mean().detach()
             else:  # L = mean_i w_i l_i + mean_i (m_I_i + m_T_i)
                 loss = (w * l).mean() + (m_I + m_T).mean()
@@ -294,7 +344,7 @@ def main():
                  "w_noisy": float(w[noisy].mean()) if noisy.any() else None,
                  "w_below_1": float((w < 1).mean())}
         dev_r = evaluate(model, dev)
-        history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r})
+        history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r, "memory_bank": bank})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} "
             f"sd {stats['w_std']:.3f} (clean {stats['w_clean'] or float('nan'):.3f}, "
             f"noisy {stats['w_noisy'] or float('nan'):.3f}, {stats['w_below_1']:.0%} below 1)  lr {lr:.2e}")
@@ -302,7 +352,7 @@ def main():
         runs.save_epoch(args, method, model, opt, history)
 
     # ---- test with the best dev checkpoint
-    extra = {"noise_rate": float(is_noisy.mean()), "memory_bank": bank}
+    extra = {"noise_rate": float(is_noisy.mean()), "memory_bank": start_bank}
     runs.finish(args, method, model, evaluate, test, history, extra=extra)
 
 

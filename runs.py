@@ -129,7 +129,7 @@ def check_resume(args, method):
     saved = ck.get("args", {})
     if ck.get("method") != method:
         raise UserError(f"{args.out_dir}/last.pt is a {ck.get('method')} checkpoint, not {method}: "
-                        "resume it with its own script")
+                        "resume it with its own script and flags")
     for k, v in vars(args).items():
         if k not in HOW and saved.get(k) != v:
             flag = "--" + k.replace("_", "-")

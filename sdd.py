@@ -46,6 +46,10 @@ Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
     step's effect).
   - the GMM sees the cosines min-max scaled to [0, 1] (common.gmm_clean_prob); the official one sees raw
     logits. The fit is the same up to reg_covar, which is then relative to the range of S.
+  - w_con comes from a GMM on S of all N pairs, min-max scaled over all N, as in the official code; the
+    paper's figure fits it on the partial set D_p.
+  - the loss weight is the dual weight w_sig * w_con, as in the paper. The official main_SDD_sim.py (commit
+    5548086) computes w_sig but leaves it out of the loss (the line that multiplies it in is commented out).
   - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0
     whatever the number of dropped pairs; the official one counts full-set steps and so never finishes its
     decay.

@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, run_script
 
-COLUMNS = ["noise", "method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum", "% of clean-only",
-           "detection AUC", "s / epoch", "x baseline", "peak GiB"]
+COLUMNS = ["noise", "method", "seeds", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum",
+           "% of clean-only", "detection AUC", "s / epoch", "x baseline", "peak GiB"]
 
 
 def _table(path):
@@ -23,19 +23,20 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     assert p.returncode == 0, p.stderr
     rows = _table(tmp_path / "table.md")
     assert list(rows) == ["clean", "baseline", "npc", "sdd", "nlip"]
-    res = {m: json.loads((tmp_path / f"{m}-n0.4" / "results.json").read_text()) for m in rows}
+    res = {m: json.loads((tmp_path / f"{m}-n0.4-s99" / "results.json").read_text()) for m in rows}
     for m, cells in rows.items():
         r, args = res[m]["test"], res[m]["args"]
         budget = (args["noise"], args["epochs"], args["batch_size"], args["seed"], args["noise_seed"])
         assert budget == (0.4, 1, 32, 99, 0)
-        assert [float(c) for c in cells[2:9]] == pytest.approx(
+        assert cells[2] == "1"  # one seed: rSum without its sd
+        assert [float(c) for c in cells[3:10]] == pytest.approx(
             [r[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")], abs=0.051)
-        assert float(cells[9]) == pytest.approx(100 * r["rsum"] / res["clean"]["test"]["rsum"], abs=0.051)
-        assert (cells[10] == "-") == (m in ("clean", "baseline"))
+        assert float(cells[10]) == pytest.approx(100 * r["rsum"] / res["clean"]["test"]["rsum"], abs=0.051)
+        assert (cells[11] == "-") == (m in ("clean", "baseline"))
         # the noisy pairs are found better than chance
-        assert m in ("clean", "baseline") or 0.5 < float(cells[10]) <= 1
-        assert float(cells[11]) > 0 and float(cells[13]) > 0
-    assert float(rows["baseline"][12]) == 1.0
+        assert m in ("clean", "baseline") or 0.5 < float(cells[11]) <= 1
+        assert float(cells[12]) > 0 and float(cells[14]) > 0
+    assert float(rows["baseline"][13]) == 1.0
     assert res["clean"]["method"] == "baseline-clean"
     assert res["nlip"]["args"]["pretrained"].endswith("nc-tiny-pretrained.pt")
     summary = json.loads((tmp_path / "bench.json").read_text())
@@ -45,19 +46,31 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reused") == 5 and _table(tmp_path / "table.md") == rows
 
-    # the same command from a checkout whose code differs (one comment added to common.py):
-    # the cell is run again
+    # a checkout whose npc.py differs keeps the baseline's cell, and a second seed gives mean and sd
     code = tmp_path / "changed-code"
     code.mkdir()
     for f in ROOT.glob("*.py"):
         shutil.copy(f, code / f.name)
-    with open(code / "common.py", "a") as f:
+    with open(code / "npc.py", "a") as f:
         f.write("# a change\n")
     argv = [sys.executable, str(code / "bench.py"), "--quick", "--methods", "baseline", "--data-root",
             str(embedded), "--out-dir", str(tmp_path)]
+    two = subprocess.run([*argv, "--seeds", "99", "0"], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert two.returncode == 0, two.stderr
+    assert "baseline noise 0.4 seed 99: reused" in two.stdout and "seed 0: done in" in two.stdout
+    rsums = [json.loads((tmp_path / f"baseline-n0.4-s{s}" / "results.json").read_text())["test"]["rsum"]
+             for s in (99, 0)]
+    row = _table(tmp_path / "table.md")["baseline"]
+    mean, sd = (float(x) for x in row[9].split(" ± "))
+    assert row[2] == "2" and mean == pytest.approx(sum(rsums) / 2, abs=0.051)
+    assert sd == pytest.approx(abs(rsums[0] - rsums[1]) / 2 ** 0.5, abs=0.051)
+    # one whose common.py differs runs the cell again
+    with open(code / "common.py", "a") as f:
+        f.write("# a change\n")
     changed = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert changed.returncode == 0, changed.stderr
-    assert "reused" not in changed.stdout and "baseline noise 0.4: done in" in changed.stdout
+    assert "reused" not in changed.stdout and "baseline noise 0.4 seed 99: done in" in changed.stdout
 
 
 def test_bench_bad_noise_is_one_line(tmp_path):

@@ -85,14 +85,18 @@ def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(paper_run):
     log = (tmp_path / "log.txt").read_text()
     assert "memory bank: clean set" in log and "epoch 2/2" in log and "test (best dev epoch" in log
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["method"] == "npc" and res["memory_bank"]["precision"] > 0.8
+    bank = res["memory_bank"]
+    assert res["method"] == "npc" and bank["precision"] > 0.8
+    # the memory pairs: the text side of a clean-set pair is itself, the image side a caption of its image
+    assert "of the memory pairs are the pair itself" in log
+    assert 0.2 < bank["self"] < bank["same_image"] <= 1 and bank["noisy_own_image"] > 0.5
     for h in res["history"][1:]:
         assert 0 < h["w_mean"] <= 1 and h["w_noisy"] < h["w_clean"]
     assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
 
 
-def test_official_form_trains_otherwise_and_resume_rebuilds_the_bank(embedded, paper_run, tmp_path):
-    argv = ["--data-root", embedded, *RUN, "--official-form"]
+def test_official_loss_trains_otherwise_and_resume_rebuilds_the_bank(embedded, paper_run, tmp_path):
+    argv = ["--data-root", embedded, *RUN, "--official-loss"]
     stop_after_first_epoch("npc.py", tmp_path, *argv)
     p = run_script("npc.py", *argv, "--out-dir", tmp_path, "--resume")
     assert p.returncode == 0, p.stderr
@@ -101,7 +105,7 @@ def test_official_form_trains_otherwise_and_resume_rebuilds_the_bank(embedded, p
     banks = [line for line in log.splitlines() if line.startswith("memory bank: clean set")]
     assert banks[0] == banks[1]  # rebuilt identically from the starting model
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["method"] == "npc-official" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
+    assert res["method"] == "npc-official-loss" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
     # the same bank and batches as the paper's form, but other weights: the collapsed w and the
     # constant memory term
     paper_log = (paper_run / "log.txt").read_text().splitlines()
@@ -111,9 +115,28 @@ def test_official_form_trains_otherwise_and_resume_rebuilds_the_bank(embedded, p
     assert max((official[k] - paper[k]).abs().max().item() for k in paper) > 1e-2
     refused = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--batch-size", "48",
                          "--resume")
-    want = (f"error: {tmp_path}/last.pt is a npc-official checkpoint, "
-            "not npc: resume it with its own script")
+    want = (f"error: {tmp_path}/last.pt is a npc-official-loss checkpoint, "
+            "not npc: resume it with its own script and flags")
     assert refused.returncode == 2 and refused.stderr.strip() == want
+
+
+def test_no_lookahead_weighs_1_refresh_rebuilds_the_bank_and_a_small_clean_set_warns(embedded, tmp_path):
+    p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, *RUN, "--no-lookahead",
+                   "--refresh-bank", "--bank-threshold", "0.98")
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["method"] == "npc-no-lookahead"
+    assert all(h["w_mean"] == 1.0 and h["w_below_1"] == 0.0 for h in res["history"][1:])
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("memory bank: clean set") == 2  # the starting model's, then epoch 2's
+    first, second = (h["memory_bank"] for h in res["history"][1:])
+    assert first == res["memory_bank"] and second != first  # rebuilt from the model after epoch 1
+    # a clean set under half the GMM's expected clean pairs (here by the strict threshold) warns
+    assert first["size"] < 0.5 * first["expected_clean"] and "memory bank: warning: the clean set is" in log
+    both = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path / "both", "--no-lookahead",
+                      "--official-loss")
+    want = "error: --official-loss and --no-lookahead together train plain InfoNCE: give one"
+    assert both.returncode == 2 and both.stderr.strip() == want
 
 
 def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
