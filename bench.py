@@ -14,9 +14,10 @@ tables are.
 Each run is the method's own script in a subprocess, with the dataset's defaults and the same seed, noise
 seed, epochs and batch size for all (the budget); each method keeps its own learning rate and settings. Runs
 go to <out-dir>/<method>-n<noise>-s<seed>/ with their log, checkpoints and results.json. A run whose
-results.json and bench.json show the same command and the same source code (its script and the shared files:
-a change to another method's script keeps it) is reused, so a stopped bench goes on where it stopped
-(--fresh: run everything again). The table goes to <out-dir>/table.md and everything to <out-dir>/bench.json.
+results.json and bench.json show the same command and the same code (its script and the project files it
+imports, without comments and docstrings: a change to another method's script keeps it) is reused, so a
+stopped bench goes on where it stopped (--fresh: run everything again). The table goes to <out-dir>/table.md
+and everything to <out-dir>/bench.json.
 
 Columns, each the mean over the seeds (the noise seed stays fixed): the six recalls and rSum on the test split
 (best dev epoch), rSum with its sample sd when there are several seeds; rSum as a share of the clean-only
@@ -38,6 +39,7 @@ pairs, noise 0.4) with the training forward in fp32 and in bf16 autocast (CPU), 
 share of pairs on which both agree about w < 1, with the memory losses in fp32 (npc.py, sdd.py) and in bf16
 (their earlier form).
 """
+import ast
 import copy
 import hashlib
 import json
@@ -60,12 +62,15 @@ import npc
 import runs
 
 ROOT = Path(__file__).resolve().parent
-# the table's rows, in order; clean (the upper bound) first. The last three run only when asked for:
+# the table's rows, in order; clean (the upper bound) first. Those after nlip run only when asked for:
 # baseline-long is the baseline given NPC's compute (COMPUTE_MATCHED times the epochs: NPC's step costs 13
-# forward-equivalents a pair against a plain step's 3), npc-refresh and npc-w1 NPC's two variants
+# forward-equivalents a pair against a plain step's 3); then variants of NPC and NLIP
 METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"],
            "sdd": ["sdd.py"], "nlip": ["nlip.py"], "baseline-long": ["baseline.py"],
-           "npc-refresh": ["npc.py", "--refresh-bank"], "npc-w1": ["npc.py", "--no-lookahead"]}
+           "npc-refresh": ["npc.py", "--refresh-bank"], "npc-w1": ["npc.py", "--no-lookahead"],
+           "nlip-learned": ["nlip.py", "--learned-margin"], "nlip-syn0": ["nlip.py", "--synthetic-lam", "0"],
+           "nlip-syn0.5": ["nlip.py", "--synthetic-lam", "0.5"],
+           "nlip-warm0": ["nlip.py", "--warmup-epochs", "0"]}
 DEFAULT_METHODS = ["clean", "baseline", "npc", "sdd", "nlip"]
 COMPUTE_MATCHED = 13 / 3
 QUICK = {"sizes": {"pretrain": 600, "train": 240, "dev": 100, "test": 100}, "epochs": 1, "batch_size": 32,
@@ -100,12 +105,26 @@ p.add_argument("--agreement", action="store_true",
 
 
 def source_hash(method):
-    """Digest of the code a method's runs execute, its script and the shared files: a change to any of it
-    makes its finished runs stale."""
-    scripts = {script for script, *_ in METHODS.values()}
-    shared = [f for f in ROOT.glob("*.py") if f.name not in (*scripts, "bench.py", "eval.py", "exercises.py")]
-    files = sorted([*shared, ROOT / METHODS[method][0]])
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    """Digest of the code a method's runs execute: its script and the project files it imports, directly or
+    through another (so captions.py counts for NLIP only), without comments and docstrings: a change to any
+    of that code makes its finished runs stale, a change to the text alone does not."""
+    files, todo = {}, [ROOT / METHODS[method][0]]
+    while todo:
+        f = todo.pop()
+        files[f] = tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            local = [ROOT / f"{n}.py" for n in names]
+            todo += [g for g in local if g.exists() and g not in files]
+    for tree in files.values():  # drop the docstrings
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                    isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    code = "".join(ast.dump(files[f]) for f in sorted(files))
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
 
 
 def command(method, noise, seed, args, budget):
@@ -123,7 +142,7 @@ def command(method, noise, seed, args, budget):
                      "--warmup", str(budget["warmup"])]
     argv += ["--data-root", str(args.data_root)] if args.data_root else []
     argv += ["--device", args.device] if args.device else []
-    if method == "nlip":
+    if script == "nlip.py":
         # fine-tune the shared pre-trained CLIP at the shared lr (its own defaults: from scratch)
         argv += ["--pretrained", budget["pretrained"], "--lr", str(budget["lr"]), "--wd", "0.2"]
     return argv

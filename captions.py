@@ -1,5 +1,6 @@
-"""Caption text for nlip.py: words, a word vocabulary for its decoder, beam search, and the captioning metrics
-BLEU-4 and CIDEr-D, computed as pycocoevalcap (the COCO caption evaluation code) computes them.
+"""Caption text for nlip.py: words, a word vocabulary for its decoder, beam search and batched writing, and
+the captioning metrics BLEU-4 and CIDEr-D, computed as pycocoevalcap (the COCO caption evaluation code)
+computes them.
 
 Mirrors its bleu/bleu_scorer.py (corpus BLEU, reference length "closest") and cider/cider_scorer.py
 (CIDEr-D: n-grams up to 4, gaussian length penalty sigma=6, clipped counts, x10, idf over the references of
@@ -13,6 +14,9 @@ from collections import Counter
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+import common
 
 N = 4  # n-gram orders 1..N, for both metrics (pycocoevalcap's Bleu(4) and Cider(n=4))
 SIGMA = 6.0  # CIDEr-D length penalty width, in words (pycocoevalcap's default)
@@ -149,6 +153,21 @@ def generate(captioner, patches, concepts, length, beam=1):
         if done.all():
             break
     return seq.reshape(B, beam, -1)[:, 0, concepts.shape[1] + 1:]  # topk sorts: beam 0 is the best
+
+
+@torch.no_grad()
+def write(model, images, concepts, vocab, args, pixels, batch_size=256):
+    """Generated captions (strings) of images, a dataset from pixels.images (or a Subset of one), concepts
+    (len(images), k) their prompts. Under DDP each process writes every W-th batch, and all gather them."""
+    device = next(model.parameters()).device
+
+    def batch(lo, hi):  # word ids (hi - lo, max_words) of images lo:hi, padded
+        x = torch.stack([images[i][0] for i in range(lo, hi)]).to(device)  # (hi - lo, 3, H, W) uint8
+        patches = model.patches(pixels.normalize(x))[1]
+        prompts = concepts[lo:hi].to(device)  # (hi - lo, k)
+        ids = generate(model.captioner, patches, prompts, args.max_words, args.beam)
+        return F.pad(ids, (0, args.max_words - ids.shape[1]), value=PAD)
+    return decode(common.chunked(batch, len(images), batch_size).tolist(), vocab)
 
 
 def by_image(split):

@@ -90,15 +90,17 @@ def as_second_process(common):
 
 def contrastive(img, txt, scale, all_img, all_txt, offset, omega=None):
     """Row by row, in the inputs' dtype: l_i = (lse_j a_ij - a_ip + lse_j b_ij - b_ip) / 2, p = offset + i,
-    a_ij = s (img_i . all_txt_j + omega_i [j = p]), b likewise from txt and all_img. -> (B,)"""
+    a_ij = s img_i . all_txt_j + s' omega_i [j = p], b likewise from txt and all_img, s' = s without its
+    gradient. -> (B,)"""
     rows = []
     for i in range(len(img)):
         p = offset + i
         bonus = torch.zeros(len(all_txt), dtype=img.dtype)
         if omega is not None:
             bonus[p] = omega[i]
-        a = scale * (all_txt @ img[i] + bonus)  # (n,)
-        b = scale * (all_img @ txt[i] + bonus)  # (n,)
+        s_margin = scale.detach() if torch.is_tensor(scale) else scale
+        a = scale * (all_txt @ img[i]) + s_margin * bonus  # (n,)
+        b = scale * (all_img @ txt[i]) + s_margin * bonus  # (n,)
         rows.append((torch.logsumexp(a, 0) - a[p] + torch.logsumexp(b, 0) - b[p]) / 2)
     return torch.stack(rows)
 
@@ -425,7 +427,8 @@ EXERCISES = (
              "NLIP, noise harmonization (Figure 1a): the noise-adaptive contrastive loss L_NITC, here with "
              "the margin omega = lambda eps on the positive (nlip.py's docstring says why this form)",
              "l (B,) and its gradients to img, txt and s, against a row-by-row logsumexp with the margin on "
-             "the positive column, alone and as process 1 of 2", 25, check_harmonized_loss),
+             "the positive column (not trained through s), alone and as process 1 of 2", 25,
+             check_harmonized_loss),
     Exercise("complete", "NLIP's caption completion", (("nlip.py", "complete"),),
              "NLIP, noise completion (Figure 1b): which pairs train on their image's generated caption",
              "synthetic (N,) bool: every pair above the threshold, none at eps 0, the others at a rate of "

@@ -21,11 +21,16 @@ Paper -> code:
     completion                 synthetic (N,) bool: the pair trains on its image's generated caption
 
 The harmonized loss (NLIP leaves its form open): a margin omega_i, in cosine, added to pair i's positive
-logit, l_i = (CE(s (f_I_i.f_T_j + omega_i [j = i])_j, i) + the same for text-to-image) / 2. eps = 0 gives
-InfoNCE; a pair with a larger eps_i meets its loss at a similarity omega_i lower, so it settles lower, and its
-row stops pushing the negatives away once met. Noise-scaled soft targets (q_ij = (1 - omega_i) [j = i] +
-omega_i / n), the other common form, did worse here (README): their optimum for a noisy pair is a row of equal
-similarities, which pulls its image towards every caption of the batch.
+logit, l_i = (CE(s f_I_i.f_T_j + s' omega_i [j = i])_j, i) + the same for text-to-image) / 2, where s' is the
+temperature s without its gradient. eps = 0 gives InfoNCE; a pair with a larger eps_i meets its loss at a
+similarity omega_i lower, so it settles lower, and its row stops pushing the negatives away once met. With
+s' = s (--learned-margin, this file's earlier form) the margin also trains s: it adds s omega_i (p_ii - 1),
+never positive, to each direction's gradient on log s, so every pair with a margin pushes s up, and a larger
+s turns the margin into a larger logit bonus, until likely-noisy rows stop training (a soft drop). With s'
+the temperature learns as under InfoNCE.
+Noise-scaled soft targets (q_ij = (1 - omega_i) [j = i] + omega_i / n), the other common form, did worse here
+(README): their optimum for a noisy pair is a row of equal similarities, which pulls its image towards every
+caption of the batch.
 The completion rule: a pair with eps_i > --replace-above trains on its image's generated caption, any other
 pair does so with probability eps_i (drawn anew each epoch). The pair keeps its omega_i: trusting the
 synthetic caption fully (omega = 0) cost rSum here (README), since the tiny model's captions share its blind
@@ -90,6 +95,9 @@ parser.add_argument("--no-image-cache", action="store_true", help="decode every 
 parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of forwards (CUDA default: bf16)")
 parser.add_argument("--compile", action="store_true", help="torch.compile training (CLIP and the decoder)")
 parser.add_argument("--lam", type=float, default=1.0, help="lambda in omega_i = lambda eps_i, in [0, 1]")
+parser.add_argument("--synthetic-lam", type=float,
+                    help="lambda of a pair on a generated caption, in [0, 1] (default: --lam)")
+parser.add_argument("--learned-margin", action="store_true", help="the logit margin s omega_i also trains s")
 parser.add_argument("--lm-weight", type=float, default=2.0, help="L = L_NITC + this L_LM (CoCa); 0: none")
 parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs of plain InfoNCE before eps is used")
 parser.add_argument("--replace-above", type=float, default=0.5, help="replace a caption with eps above it")
@@ -105,9 +113,10 @@ STOPWORDS = {"a", "an", "the", "of", "in", "on", "at", "and", "with", "to", "is"
 
 def check_flags(args):
     """NLIP's own flags, each in its range (one line, exit 2)."""
-    ranges = {"lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, np.inf), "warmup_epochs": (0, np.inf),
-              "concepts": (1, np.inf), "beam": (1, np.inf), "dec_layers": (1, np.inf),
-              "max_words": (2, np.inf)}
+    args.synthetic_lam = args.lam if args.synthetic_lam is None else args.synthetic_lam
+    ranges = {"lam": (0, 1), "synthetic_lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, np.inf),
+              "warmup_epochs": (0, np.inf), "concepts": (1, np.inf), "beam": (1, np.inf),
+              "dec_layers": (1, np.inf), "max_words": (2, np.inf)}
     for flag, (low, high) in ranges.items():
         value = getattr(args, flag)
         if not low <= value <= high:
@@ -167,24 +176,27 @@ class NLIP(torch.nn.Module):
 
 
 # ---- the two schemes
-def harmonized_loss(img, txt, scale, eps, lam):
-    """L_NITC per sample: img, txt (B, D) normalised, scale (), eps (B,) noise probabilities -> (B,). eps = 0
-    is InfoNCE. Under DDP the columns are the gathered global batch, as in common.info_nce."""
+def harmonized_loss(img, txt, scale, eps, lam, learned_margin=False):
+    """L_NITC per sample: img, txt (B, D) normalised, scale () a tensor, eps (B,) noise probabilities, lam a
+    float or (B,) -> (B,). eps = 0 is InfoNCE. Under DDP the columns are the gathered global batch, as in
+    common.info_nce. learned_margin: the earlier form, whose margin also trains the temperature."""
     all_img, all_txt = common.gather(img), common.gather(txt)  # (n, D), n = W*B columns
     offset = common.rank() * len(img)
     # ---- EXERCISE harmonized_loss: img, txt, all_img, all_txt, offset, scale, eps, lam -> loss ----
-    # img, txt (B, D), all_img, all_txt (n, D), scale (), eps (B,), lam a float -> loss (B,).
+    # img, txt (B, D), all_img, all_txt (n, D), scale (), eps (B,), lam a float or (B,) -> loss (B,).
     # NLIP: omega_i = lambda eps_i, a margin (in cosine) granted to pair i's positive, column p = offset + i:
-    # the likelier a pair is noise, the lower the similarity it settles at.
-    #   l_i = (-log softmax_j(s (img_i . all_txt_j + omega_i [j = p]))[p]
-    #          - log softmax_j(s (txt_i . all_img_j + omega_i [j = p]))[p]) / 2
+    # the likelier a pair is noise, the lower the similarity it settles at. s' is s without its gradient: the
+    # margin moves the logits, not the temperature (learned_margin: s' = s).
+    #   l_i = (-log softmax_j(s img_i . all_txt_j + s' omega_i [j = p])[p]
+    #          - log softmax_j(s txt_i . all_img_j + s' omega_i [j = p])[p]) / 2
     omega = lam * eps  # (B,)
     rows = torch.arange(len(img), device=img.device)
     labels = rows + offset  # (B,) the positive's column
     margin = torch.zeros(len(img), len(all_txt), device=img.device)
     margin[rows, labels] = omega  # (B, n) omega_i on the positive, 0 elsewhere
-    l_i2t = F.cross_entropy(scale * (img @ all_txt.T + margin), labels, reduction="none")  # (B,) i2t
-    l_t2i = F.cross_entropy(scale * (txt @ all_img.T + margin), labels, reduction="none")  # (B,) t2i
+    s_margin = scale if learned_margin else scale.detach()  # () s'
+    l_i2t = F.cross_entropy(scale * img @ all_txt.T + s_margin * margin, labels, reduction="none")  # (B,)
+    l_t2i = F.cross_entropy(scale * txt @ all_img.T + s_margin * margin, labels, reduction="none")  # (B,)
     loss = (l_i2t + l_t2i) / 2  # (B,)
     # ---- END EXERCISE ----
     return loss
@@ -225,21 +237,6 @@ def top_concepts(clip, img, concept_ids, concept_tokens, k):
     words = clip.encode_text(concept_tokens.to(img.device), normalize=True).float()  # (C, D)
     nearest = (img @ words.T).topk(min(k, len(concept_ids)), 1).indices.cpu()  # (n, k)
     return torch.as_tensor(concept_ids)[nearest]
-
-
-@torch.no_grad()
-def write_captions(model, images, concepts, vocab, args, pixels, batch_size=256):
-    """Generated captions (strings) of images, a dataset from pixels.images (or a Subset of one), concepts
-    (len(images), k) their prompts. Under DDP each process writes every W-th batch, and all gather them."""
-    device = next(model.parameters()).device
-
-    def batch(lo, hi):  # word ids (hi - lo, max_words) of images lo:hi, padded
-        x = torch.stack([images[i][0] for i in range(lo, hi)]).to(device)  # (hi - lo, 3, H, W) uint8
-        patches = model.patches(pixels.normalize(x))[1]
-        prompts = concepts[lo:hi].to(device)  # (hi - lo, k)
-        ids = captions.generate(model.captioner, patches, prompts, args.max_words, args.beam)
-        return F.pad(ids, (0, args.max_words - ids.shape[1]), value=captions.PAD)
-    return captions.decode(common.chunked(batch, len(images), batch_size).tolist(), vocab)
 
 
 def main():
@@ -320,7 +317,7 @@ def main():
         texts = list(train.captions)
         if synthetic.any():
             need = np.unique(train.img_of_cap[synthetic])  # the images whose generated caption is used
-            written = write_captions(model, Subset(train_images, need), concepts[need], vocab, args, pixels)
+            written = captions.write(model, Subset(train_images, need), concepts[need], vocab, args, pixels)
             for k in np.flatnonzero(synthetic):
                 texts[k] = written[np.searchsorted(need, train.img_of_cap[k])]
             report = captions.completion_report(texts, train, truth, synthetic, is_noisy)
@@ -336,6 +333,7 @@ def main():
 
         # ---- training: L = mean_i L_NITC_i + lm_weight * mean_i (1 - eps_i) L_LM_i
         eps_t = torch.as_tensor(eps, dtype=torch.float32)  # (N,)
+        lam = torch.where(torch.as_tensor(synthetic), args.synthetic_lam, args.lam).float()  # (N,)
         lm_w = torch.as_tensor(1 - eps, dtype=torch.float32)  # (N,)
         pairs = data.Pairs(train._replace(captions=texts), pixels, tokenizer)
         loader = runs.loader(pairs, args.batch_size, args.workers, args.seed)
@@ -349,7 +347,8 @@ def main():
             tokens = tokens.to(device)  # (B, L)
             with amp:
                 img, txt, scale, lm = net(images, tokens, dec_in.to(device), dec_target.to(device))
-                nitc = harmonized_loss(img, txt, scale, eps_t[k].to(device), args.lam)  # (B,)
+                nitc = harmonized_loss(img, txt, scale, eps_t[k].to(device), lam[k].to(device),
+                                       args.learned_margin)  # (B,)
                 loss = nitc.mean() + args.lm_weight * (lm_w[k].to(device) * lm).mean()
             runs.train_step(net, opt, loss)
             nitcs.append(nitc.mean().item())
@@ -365,7 +364,7 @@ def main():
             pairs = np.flatnonzero(is_noisy) if is_noisy.any() else np.arange(len(is_noisy))
             show = pairs[np.unique(train.img_of_cap[pairs], return_index=True)[1][:3]]  # 3 images' first
             shown = train.img_of_cap[show]  # their images
-            written = write_captions(model, Subset(train_images, shown), concepts[shown], vocab, args, pixels)
+            written = captions.write(model, Subset(train_images, shown), concepts[shown], vocab, args, pixels)
             for k, i, gen in zip(show, shown, written):
                 log(f"  image {i}: generated '{gen}'")
                 log(f"    raw '{train.captions[k]}'")
@@ -388,7 +387,7 @@ def main():
     if captioner:
         captioner.load_state_dict(ck["decoder"])
         concepts = top_concepts(clip, img, concept_ids, concept_tokens, args.concepts)
-        written = write_captions(model, pixels.images(test.paths), concepts, vocab, args, pixels)
+        written = captions.write(model, pixels.images(test.paths), concepts, vocab, args, pixels)
         refs = captions.by_image(test)
         extra["captioning"] = {"bleu4": captions.bleu4(written, refs), "cider": captions.cider(written, refs)}
         log(f"test captioning ({'greedy' if args.beam == 1 else f'beam {args.beam}'}): "

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import captions
 import common
 import data
 import nlip
@@ -40,7 +41,7 @@ def main(root, out):
     concepts = torch.randint(4, 30, (10, 3), generator=g)
     for beam in (1, 2):
         flags = SimpleNamespace(max_words=6, beam=beam)
-        got[f"beam{beam}"] = nlip.write_captions(model, images, concepts, vocab, flags, pixels,
+        got[f"beam{beam}"] = captions.write(model, images, concepts, vocab, flags, pixels,
                                                  batch_size=3)  # 4 batches: 2, 2 under 2 processes
     torch.save(got, Path(out) / f"rank{common.rank()}.pt")
 

@@ -46,13 +46,17 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reused") == 5 and _table(tmp_path / "table.md") == rows
 
-    # a checkout whose npc.py differs keeps the baseline's cell, and a second seed gives mean and sd
+    # a checkout whose npc.py and captions.py (not imported by baseline.py) differ, and whose common.py has a
+    # new comment and docstring, keeps the baseline's cell; a second seed gives mean and sd
     code = tmp_path / "changed-code"
     code.mkdir()
     for f in ROOT.glob("*.py"):
         shutil.copy(f, code / f.name)
-    with open(code / "npc.py", "a") as f:
-        f.write("# a change\n")
+    for name in ("npc.py", "captions.py"):
+        with open(code / name, "a") as f:
+            f.write("CHANGED = 1\n")
+    text = (code / "common.py").read_text()
+    (code / "common.py").write_text(text.replace('"""', '"""Another docstring. ', 1) + "# a comment\n")
     argv = [sys.executable, str(code / "bench.py"), "--quick", "--methods", "baseline", "--data-root",
             str(embedded), "--out-dir", str(tmp_path)]
     two = subprocess.run([*argv, "--seeds", "99", "0"], capture_output=True, text=True, timeout=600,
@@ -65,9 +69,9 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     mean, sd = (float(x) for x in row[9].split(" ± "))
     assert row[2] == "2" and mean == pytest.approx(sum(rsums) / 2, abs=0.051)
     assert sd == pytest.approx(abs(rsums[0] - rsums[1]) / 2 ** 0.5, abs=0.051)
-    # one whose common.py differs runs the cell again
+    # one whose common.py's code differs runs the cell again
     with open(code / "common.py", "a") as f:
-        f.write("# a change\n")
+        f.write("CHANGED = 1\n")
     changed = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert changed.returncode == 0, changed.stderr
     assert "reused" not in changed.stdout and "baseline noise 0.4 seed 99: done in" in changed.stdout

@@ -96,6 +96,8 @@ BUGS = [  # (exercise, file, right, wrong): one planted bug
      "eps = common.gmm_clean_prob(loss)"),
     ("harmonized_loss", "nlip.py", "margin[rows, labels] = omega",
      "margin[rows, rows] = omega"),  # the margin on other logits than the positives', under DDP
+    ("harmonized_loss", "nlip.py", "s_margin = scale if learned_margin else scale.detach()",
+     "s_margin = scale"),  # the margin trains the temperature
     ("complete", "nlip.py", "mix = rng.random(len(eps)) < eps", "mix = rng.random(len(eps)) > eps"),
 ]
 

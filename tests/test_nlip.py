@@ -24,7 +24,7 @@ def test_larger_eps_makes_a_pair_settle_at_lower_similarity():
     opt = torch.optim.Adam([img, txt], lr=0.05)
     for _ in range(300):
         a, b = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
-        loss = nlip.harmonized_loss(a, b, 10.0, eps, 1.0).mean()
+        loss = nlip.harmonized_loss(a, b, torch.tensor(10.0), eps, 1.0).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
