@@ -161,6 +161,7 @@ def test_nlip_runs_end_to_end_completes_captions_and_resumes(embedded, tmp_path)
 
 @pytest.mark.parametrize(("flag", "value", "words"),
                          [("--lam", "1.5", "--lam must be in [0, 1], got 1.5"),
+                          ("--synthetic-lam", "-0.1", "--synthetic-lam must be in [0, 1], got -0.1"),
                           ("--beam", "0", "--beam must be >= 1, got 0")])
 def test_bad_nlip_flags_give_one_line_error(flag, value, words, embedded, tmp_path):
     p = run_script("nlip.py", "--data-root", embedded, "--out-dir", tmp_path, flag, value)
