@@ -183,10 +183,11 @@ def run(method, noise, seed, args, budget):
 
 def detection_auc(method, res):
     """ROC-AUC of the method's clean/noisy split against the true mask (None: no split, or no noise)."""
-    if method.startswith("npc"):
+    script = METHODS[method][0]
+    if script == "npc.py":
         return res["memory_bank"]["auc"]
     last = res["history"][-1]
-    return {"sdd": last.get("w_con_auc"), "nlip": last.get("eps_auc")}.get(method)
+    return {"sdd.py": last.get("w_con_auc"), "nlip.py": last.get("eps_auc")}.get(script)
 
 
 def summary(runs):
