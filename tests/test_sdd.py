@@ -44,7 +44,7 @@ def test_auto_thresholds_are_mu_minus_3_sd_and_mu_of_matched_pairs():
 
 
 def test_sdd_runs_end_to_end_and_drops_mostly_noisy_pairs(embedded, tmp_path):
-    # (a resume, killed in epoch 2, is in test_scale.py: it ends exactly where this run would)
+    # (the resume of a run killed in epoch 2 is in test_scale.py: it ends exactly as an uninterrupted run)
     argv = ["--data-root", embedded, "--noise", "0.4", "--batch-size", "48", "--warmup", "5", "--epochs", "2"]
     p = run_script("sdd.py", *argv, "--out-dir", tmp_path)
     assert p.returncode == 0, p.stderr
