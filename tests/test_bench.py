@@ -71,11 +71,13 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     assert sd == pytest.approx(abs(rsums[0] - rsums[1]) / 2 ** 0.5, abs=0.051)
     # a change to code changes the hash of exactly the methods that import it (a cell is reused only while its
     # hash is the one in its bench.json, as the reuse above shows): npc.py and captions.py changed above
+    methods = ("baseline", "npc", "nlip")
+
     def hashes(folder):
-        show = "import bench; print(*(bench.source_hash(m) for m in ('baseline', 'npc', 'nlip')))"
+        show = f"import bench; print(*(bench.source_hash(m) for m in {methods!r}))"
         p = subprocess.run([sys.executable, "-c", show], cwd=folder, capture_output=True, text=True,
                            check=True)
-        return dict(zip(("baseline", "npc", "nlip"), p.stdout.split(), strict=True))
+        return dict(zip(methods, p.stdout.split(), strict=True))
 
     here, there = hashes(ROOT), hashes(code)
     assert there["baseline"] == here["baseline"]
