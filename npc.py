@@ -342,7 +342,7 @@ def main():
         stats = {"loss": common.global_mean(losses), "w_mean": float(w.mean()), "w_std": float(w.std()),
                  "w_clean": float(w[~noisy].mean()) if (~noisy).any() else None,
                  "w_noisy": float(w[noisy].mean()) if noisy.any() else None,
-                 "w_below_1": float((w < 1).mean())}
+                 "w_below_1": float((w < 1).mean()), "pairs": len(w), "noisy_pairs": int(noisy.sum())}
         dev_r = evaluate(model, dev)
         history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r, "memory_bank": bank})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} "
