@@ -278,7 +278,7 @@ def agreement(args):
             amp = torch.autocast("cpu", torch.bfloat16, enabled=mode != "fp32")
             losses = bf16_memory_losses if mode == "bf16 memory" else npc.memory_losses
             r[mode] = []
-            for images, tokens, _, images_I, tokens_I, images_T, tokens_T in batches:
+            for images, tokens, _, images_I, tokens_I, _, images_T, tokens_T, _ in batches:
                 memory = (pixels.normalize(torch.cat([images_I, images_T])),
                           torch.cat([tokens_I, tokens_T]))  # (2B, ...)
                 siamese = copy.deepcopy(model)

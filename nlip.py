@@ -336,6 +336,7 @@ def main():
         lam = torch.where(torch.as_tensor(synthetic), args.synthetic_lam, args.lam).float()  # (N,)
         lm_w = torch.as_tensor(1 - eps, dtype=torch.float32)  # (N,)
         pairs = data.Pairs(train._replace(captions=texts), pixels, tokenizer)
+        # a new loader each epoch: its worker processes copy this epoch's captions when they start
         loader = runs.loader(pairs, args.batch_size, args.workers, args.seed)
         common.start_epoch(loader, args, epoch)
         model.train()

@@ -191,7 +191,7 @@ def build_bank(model, train, pixels, tokenizer, device, is_noisy, args, log):
 
 
 class WithMemory(torch.utils.data.Dataset):
-    """Pair k -> (image, tokens, k, image and tokens of bank_img[k], image and tokens of bank_txt[k])."""
+    """Pair k -> (image, tokens, k) of pair k, then of its memory pairs bank_img[k] and bank_txt[k]."""
 
     def __init__(self, pairs, bank_img, bank_txt):
         self.pairs, self.bank_img, self.bank_txt = pairs, bank_img, bank_txt
@@ -200,7 +200,7 @@ class WithMemory(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, k):
-        return (*self.pairs[k], *self.pairs[self.bank_img[k]][:2], *self.pairs[self.bank_txt[k]][:2])
+        return (*self.pairs[k], *self.pairs[self.bank_img[k]], *self.pairs[self.bank_txt[k]])
 
 
 # ---- the look-ahead and the weight
@@ -302,12 +302,18 @@ def main():
 
     # ---- training
     for epoch in range(start, args.epochs):
+        used = "the starting model's"
         if args.refresh_bank and epoch > 0:  # a deviation from the paper, whose bank is fixed
             pairs.bank_img, pairs.bank_txt, bank = rebuild(model)
+            used = f"rebuilt from the model of epoch {epoch}"
+            # a new loader: each worker process holds the copy of `pairs` it got when it started, and the
+            # old workers (persistent across epochs) would go on serving the old bank
+            loader = runs.loader(pairs, args.batch_size, args.workers, args.seed)
+        log(f"epoch {epoch + 1}/{args.epochs}  memory bank: {used}")
         model.train()
         common.start_epoch(loader, args, epoch)
-        t0, losses, ws, ks = time.time(), [], [], []
-        for i, (images, tokens, k, images_I, tokens_I, images_T, tokens_T) in enumerate(loader):
+        t0, losses, ws, ks, served = time.time(), [], [], [], []
+        for i, (images, tokens, k, images_I, tokens_I, k_I, images_T, tokens_T, k_T) in enumerate(loader):
             lr = runs.set_lr(opt, epoch * len(loader) + i, total, args.warmup, args.lr)
             images = pixels.normalize(images.to(device))  # (B, 3, H, W) the batch
             tokens = tokens.to(device)  # (B, L)
@@ -336,13 +342,18 @@ def main():
             losses.append(loss.item())
             ws.append(common.gather(w))
             ks.append(common.gather(k.to(device)))
+            served.append(common.gather(torch.stack([k_I, k_T], 1).to(device)))  # (B, 2) its memory pairs
         train_s = time.time() - t0
         w = torch.cat(ws).cpu().numpy()  # (pairs trained on this epoch,) NPC's weight of each
-        noisy = is_noisy[torch.cat(ks).cpu().numpy()]  # which of them were noisy
+        trained = torch.cat(ks).cpu().numpy()  # (pairs trained on,)
+        noisy = is_noisy[trained]  # which of them were noisy
+        memory = torch.cat(served).cpu().numpy()  # (pairs trained on, 2) the memory pairs served with them
+        in_bank = memory == np.stack([pairs.bank_img[trained], pairs.bank_txt[trained]], 1)
         stats = {"loss": common.global_mean(losses), "w_mean": float(w.mean()), "w_std": float(w.std()),
                  "w_clean": float(w[~noisy].mean()) if (~noisy).any() else None,
                  "w_noisy": float(w[noisy].mean()) if noisy.any() else None,
-                 "w_below_1": float((w < 1).mean()), "pairs": len(w), "noisy_pairs": int(noisy.sum())}
+                 "w_below_1": float((w < 1).mean()), "pairs": len(w), "noisy_pairs": int(noisy.sum()),
+                 "memory_noisy": float(is_noisy[memory].mean()), "memory_from_bank": float(in_bank.mean())}
         dev_r = evaluate(model, dev)
         history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r, "memory_bank": bank})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} "

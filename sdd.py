@@ -176,7 +176,7 @@ def neighbours(img, txt, owner, pool):
 
 
 class WithMemory(torch.utils.data.Dataset):
-    """Pair k -> (image, tokens, k, image and tokens of bank_img[k], image and tokens of bank_txt[k])."""
+    """Pair k -> (image, tokens, k) of pair k, then of its memory pairs bank_img[k] and bank_txt[k]."""
 
     def __init__(self, pairs, bank_img, bank_txt):
         self.pairs, self.bank_img, self.bank_txt = pairs, bank_img, bank_txt
@@ -185,7 +185,7 @@ class WithMemory(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, k):
-        return (*self.pairs[k], *self.pairs[self.bank_img[k]][:2], *self.pairs[self.bank_txt[k]][:2])
+        return (*self.pairs[k], *self.pairs[self.bank_img[k]], *self.pairs[self.bank_txt[k]])
 
 
 @torch.no_grad()
@@ -333,13 +333,14 @@ def main():
             path = f"{args.out_dir}/similarity_epoch{epoch + 1}.png"
             plot(path, S, is_noisy, alpha, f"before epoch {epoch + 1}")
         kept = torch.utils.data.Subset(pairs, np.flatnonzero(keep).tolist())  # D_p
+        # a new loader each epoch: its worker processes copy this epoch's D_p when they start
         loader = runs.loader(kept, args.batch_size, args.workers, args.seed)
         if len(loader) == 0:
             raise data.UserError(f"{int(keep.sum())} kept pairs make no full batch of {args.batch_size}")
         model.train()
         common.start_epoch(loader, args, epoch)
         t0, losses, w_sigs, ks = time.time(), [], [], []
-        for i, (images, tokens, k, images_I, tokens_I, images_T, tokens_T) in enumerate(loader):
+        for i, (images, tokens, k, images_I, tokens_I, _, images_T, tokens_T, _) in enumerate(loader):
             step = int((epoch + i / len(loader)) * epoch_steps)  # the schedule in fractions of epochs of D_p
             lr = runs.set_lr(opt, step, args.epochs * epoch_steps, args.warmup, args.lr)
             images = pixels.normalize(images.to(device))  # (B, 3, H, W) the batch

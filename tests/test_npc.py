@@ -139,6 +139,26 @@ def test_no_lookahead_weighs_1_refresh_rebuilds_the_bank_and_a_small_clean_set_w
     assert both.returncode == 2 and both.stderr.strip() == want
 
 
+def test_a_refreshed_bank_reaches_the_batches_whatever_the_workers(embedded, tmp_path):
+    """--refresh-bank rebuilds the bank in the main process; persistent DataLoader workers hold their own copy
+    of the dataset, so before the fix epoch 2 at --workers 2 served the starting model's bank. The batches
+    must carry the refreshed bank's memory pairs, and 2 workers must train as 0 do."""
+    runs_ = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        p = run_script("npc.py", "--data-root", embedded, "--out-dir", out, *RUN, "--refresh-bank",
+                       "--workers", workers)
+        assert p.returncode == 0, p.stderr
+        runs_[workers] = json.loads((out / "results.json").read_text())["history"][1:]
+        assert "epoch 2/2  memory bank: rebuilt from the model of epoch 1" in p.stdout
+    assert runs_[0][1]["memory_bank"] != runs_[0][0]["memory_bank"]  # epoch 2 has another bank
+    for at_0, at_2 in zip(runs_[0], runs_[2], strict=True):
+        assert at_2["memory_from_bank"] == 1.0  # every memory pair served is the current bank's
+        assert at_2["memory_bank"] == at_0["memory_bank"]
+        for key in ("loss", "w_mean", "w_std", "w_below_1", "memory_noisy"):
+            assert at_2[key] == pytest.approx(at_0[key], rel=1e-5, abs=1e-7), key
+
+
 def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
     p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--bank-threshold", "1")
     want = "error: the memory bank is empty: no pair has clean posterior > 1.0"
