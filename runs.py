@@ -2,16 +2,21 @@
 before any work, the rules of the output folder, the training pieces (batches, AdamW, the schedule, a step),
 the per-epoch checkpoints, and the final test with results.json. Definitions only.
 
-The output folder's rules: a fresh run refuses a folder that already holds a run (a checkpoint or
-results.json), unless --overwrite, which deletes that run's files first. --resume continues the run in the
-folder only when every flag that changes what it computes is the one it was started with; a resume of a
-finished run says so and exits 0, rewriting nothing.
+The output folder's rules: one run at a time uses it (a lock file, .lock). A fresh run refuses a folder that
+already holds a run (a checkpoint or results.json), unless --overwrite, which sets that run's files aside and
+deletes them only once the new run has saved its first epoch: a new run that fails before, on a bad flag, a
+missing file or a diverged step, puts the old one back. --resume continues the run in the folder only when
+every flag that changes what it computes is the one it was started with; a resume of a finished run says so
+and exits 0, rewriting nothing.
 """
 import argparse
+import atexit
 import json
 import math
 import os
 import resource
+import shutil
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -27,6 +32,9 @@ from data import UserError
 HOW = ("resume", "overwrite", "out_dir", "device", "workers", "no_image_cache", "compile", "plot")
 RUN_FILES = ("last.pt", "best.pt", "results.json")  # a folder holding one of these holds a run
 WRITTEN = (*RUN_FILES, "log.txt", "similarity_epoch*.png", "*.tmp")  # all a script writes in its folder
+LOCK = ".lock"  # "pid host" of the run using the folder
+SET_ASIDE = ".overwritten"  # the run --overwrite replaces, kept until the new run has saved an epoch
+held = []  # the lock this process holds
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -108,6 +116,7 @@ def claim_out_dir(args, method):
     refuses, unless --overwrite)."""
     args.out_dir = args.out_dir or f"out/{method}-{args.dataset}-n{args.noise:g}"
     check_out_dir(Path(args.out_dir))
+    lock(Path(args.out_dir))
     if args.resume:
         check_resume(args, method)
     else:
@@ -142,17 +151,84 @@ def check_resume(args, method):
         sys.exit(0)
 
 
+def lock(out):
+    """Take the folder for this run: a lock file created atomically and removed at exit. A lock held by a live
+    process refuses; one left by a process that is gone (killed, on this host) is taken over. Under torchrun
+    rank 0 holds it for the job."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    me = f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(out / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = (out / LOCK).read_text().split() or ["0", "(starting)"]
+            if holder[1] != socket.gethostname() or alive(int(holder[0])):
+                raise UserError(f"{out} is in use by process {holder[0]} on {holder[1]}: wait for that run "
+                                f"or use another --out-dir (if none uses it, delete {out / LOCK})") from None
+            print(f"{out}: taking over the lock of process {holder[0]}, which is no longer running")
+            (out / LOCK).unlink(missing_ok=True)
+    os.write(fd, me.encode())
+    os.close(fd)
+    held.append((out / LOCK, me))
+    atexit.register(release)
+    put_back(out)  # left by an --overwrite run that was killed before its first checkpoint
+
+
+def alive(pid):
+    """Whether a process with this pid runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def release():
+    """Give back the folder's lock and, if this run saved no epoch, put back the run it was to overwrite."""
+    while held:
+        path, me = held.pop()
+        put_back(path.parent)
+        if path.is_file() and path.read_text() == me:
+            path.unlink()
+
+
+def put_back(out):
+    """The run that --overwrite set aside, back in its folder, in place of what the new run wrote."""
+    aside = out / SET_ASIDE
+    if not aside.is_dir():
+        return
+    for f in [f for pattern in WRITTEN for f in out.glob(pattern)]:
+        f.unlink(missing_ok=True)
+    for f in aside.iterdir():
+        os.replace(f, out / f.name)
+    aside.rmdir()
+
+
 def start_fresh(args):
-    """A fresh run refuses a folder holding a run; with --overwrite it deletes that run's files first. The
-    files of a run that stopped before its first checkpoint (its log) are deleted without asking: they hold
-    no result."""
+    """A fresh run refuses a folder holding a run. With --overwrite it sets that run's files aside, to be
+    deleted once this run has saved its first epoch (release() puts them back if it fails before). The files
+    of a run that stopped before its first checkpoint (its log) are deleted without asking: they hold no
+    result. Under torchrun rank 0 moves the files."""
     out = Path(args.out_dir)
     found = [f for f in RUN_FILES if (out / f).exists()]
     if found and not args.overwrite:
         raise UserError(f"{out} already holds a run ({', '.join(found)}): --resume to continue it, "
                         "--overwrite to delete it and start again, or another --out-dir")
-    for f in [f for pattern in WRITTEN for f in out.glob(pattern)]:
-        f.unlink(missing_ok=True)  # every process may delete; all finish before the process group forms
+    if os.environ.get("RANK", "0") != "0":
+        return
+    old = [f for pattern in WRITTEN for f in out.glob(pattern)]
+    if found:
+        (out / SET_ASIDE).mkdir(exist_ok=True)
+    for f in old:
+        if found:
+            os.replace(f, out / SET_ASIDE / f.name)
+        else:
+            f.unlink(missing_ok=True)
 
 
 def run(main):
@@ -163,6 +239,8 @@ def run(main):
         line = [s for s in str(e).splitlines() if s.strip()][-1].strip()
         print(f"error: {line.split('UserError: ')[-1]}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        release()
 
 
 def logger(out_dir):
@@ -249,6 +327,7 @@ def save_epoch(args, method, model, opt, history, extra=None):
         if dev[-1] > max(dev[:-1], default=-1.0):
             common.save_checkpoint(Path(args.out_dir) / "best.pt", ck)
         common.save_checkpoint(Path(args.out_dir) / "last.pt", dict(ck, optimizer=opt.state_dict()))
+        shutil.rmtree(Path(args.out_dir) / SET_ASIDE, ignore_errors=True)  # the run --overwrite replaced
 
 
 def finish(args, method, model, evaluate, test, history, extra=None):

@@ -3,10 +3,14 @@ import argparse
 import importlib
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import data
 import runs
@@ -168,20 +172,64 @@ def test_a_finished_run_is_neither_resumed_nor_overwritten(finished, embedded, m
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
 
 
-def test_overwrite_deletes_the_old_run_and_only_its_files(tmp_path, monkeypatch):
-    names = ("last.pt", "best.pt", "results.json", "log.txt", "similarity_epoch1.png", "last.pt.123.tmp",
-             "notes.md")
-    for name in names:
+def test_overwrite_sets_the_old_run_aside_until_the_new_one_has_an_epoch(tmp_path):
+    names = ("last.pt", "best.pt", "results.json", "log.txt", "similarity_epoch1.png", "last.pt.123.tmp")
+    for name in (*names, "notes.md"):
         (tmp_path / name).write_text("old")
     args = argparse.Namespace(out_dir=str(tmp_path), overwrite=False)
     with pytest.raises(data.UserError, match="already holds a run"):
         runs.start_fresh(args)
     assert len(list(tmp_path.iterdir())) == 7
     runs.start_fresh(argparse.Namespace(out_dir=str(tmp_path), overwrite=True))
-    assert [f.name for f in tmp_path.iterdir()] == ["notes.md"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".overwritten", "notes.md"]
+    assert sorted(f.name for f in (tmp_path / ".overwritten").iterdir()) == sorted(names)
+    (tmp_path / "log.txt").write_text("the new run, which failed before its first checkpoint")
+    runs.put_back(tmp_path)  # what release() does at exit, and a later run after a SIGKILL
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted((*names, "notes.md"))
+    assert all(f.read_text() == "old" for f in tmp_path.iterdir())
+    for name in names:
+        (tmp_path / name).unlink()
     (tmp_path / "log.txt").write_text("a run that stopped before its first checkpoint")
     runs.start_fresh(args)  # its log holds no result: a fresh run starts a fresh log
     assert [f.name for f in tmp_path.iterdir()] == ["notes.md"]
+
+
+def test_overwrite_checks_every_input_before_it_replaces_a_finished_run(finished, embedded, fails_here,
+                                                                        tmp_path_factory):
+    out = tmp_path_factory.mktemp("overwritten") / "run"
+    shutil.copytree(finished[0], out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, "--noise", "0", "--overwrite",
+               "--pretrained", out / "missing.pt", words=["missing.pt"])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # no .lock, no new log.txt
+    p = run_script("baseline.py", "--data-root", embedded, "--out-dir", out, "--overwrite", *FAST,
+                   "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in out.iterdir()) == ["best.pt", "last.pt", "log.txt", "results.json"]
+    assert json.loads((out / "results.json").read_text())["args"]["epochs"] == 1
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(embedded, fails_here,
+                                                                                     tmp_path_factory):
+    out = tmp_path_factory.mktemp("locked")
+    argv = [sys.executable, str(ROOT / "baseline.py"), "--data-root", str(embedded), "--out-dir", str(out),
+            *FAST]
+    first = subprocess.Popen(argv, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.txt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / ".lock").read_text().split()[0] == str(first.pid)
+        fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, *FAST,
+                   words=[f"is in use by process {first.pid}", "another --out-dir"])
+    finally:
+        first.kill()
+        first.wait()
+    # the killed run's lock stays behind; the next run takes it over (and here stops at its weights)
+    stdout = fails_here("baseline.py", "--data-root", embedded, "--out-dir", out, "--pretrained",
+                        out / "missing.pt", words=["missing.pt"])
+    assert f"taking over the lock of process {first.pid}" in stdout
+    assert not (out / ".lock").exists()  # released at exit
 
 
 @pytest.mark.parametrize("argv,words", [
