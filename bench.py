@@ -13,11 +13,12 @@ tables are.
 
 Each run is the method's own script in a subprocess, with the dataset's defaults and the same seed, noise
 seed, epochs and batch size for all (the budget); each method keeps its own learning rate and settings. Runs
-go to <out-dir>/<method>-n<noise>-s<seed>/ with their log, checkpoints and results.json. A run whose
-results.json and bench.json show the same command and the same code (its script and the project files it
-imports, without comments and docstrings: a change to another method's script keeps it) is reused, so a
-stopped bench goes on where it stopped (--fresh: run everything again). The table goes to <out-dir>/table.md
-and everything to <out-dir>/bench.json.
+go to <out-dir>/<method>-n<noise>-s<seed>-<key>/ with their log, checkpoints and results.json, where <key>
+digests the command and the code (its script and the project files it imports, without comments and
+docstrings: a change to another method's script keeps it). A finished run of the same key is reused, a
+stopped one resumed, so a stopped bench goes on where it stopped; a changed command or code runs in a new
+folder and no finished run is ever deleted (--fresh: run everything again, each run replacing its own). The
+table goes to <out-dir>/table.md and everything to <out-dir>/bench.json.
 
 Columns, each the mean over the seeds (the noise seed stays fixed): the six recalls and rSum on the test split
 (best dev epoch), rSum with its sample sd when there are several seeds; rSum as a share of the clean-only
@@ -99,7 +100,7 @@ p.add_argument("--input", action="store_true",
                help="measure the input pipeline only (images/s, PIL against the cache)")
 p.add_argument("--fake-f30k", type=int,
                help="with --input: first write this many generated 500x375 JPEGs as f30k")
-p.add_argument("--workers", type=int, default=2, help="with --input: DataLoader worker processes")
+p.add_argument("--workers", type=int, help="with --input: DataLoader worker processes (default: 2)")
 p.add_argument("--agreement", action="store_true",
                help="measure the look-ahead ratio's bf16/fp32 agreement only")
 
@@ -155,27 +156,33 @@ def portable(argv):
 
 
 def run(method, noise, seed, args, budget):
-    """Run (or reuse) one cell and seed -> dict with results.json, wall seconds and the command."""
-    out = Path(args.out_dir) / f"{method}-n{noise:g}-s{seed}"
+    """Run (or reuse) one cell and seed -> dict with results.json, wall seconds and the command. Its folder is
+    named after the command and the code, so a changed command or code runs in a new folder and never
+    replaces a finished run; a run of the same command that stopped is resumed."""
     argv = command(method, noise, seed, args, budget)
     code = source_hash(method)
     key = {"argv": argv, "code": code}
+    digest = hashlib.sha256(json.dumps([portable(argv), code]).encode()).hexdigest()[:8]
+    out = Path(args.out_dir) / f"{method}-n{noise:g}-s{seed}-{digest}"
     if not args.fresh and (out / "results.json").is_file() and (out / "bench.json").is_file():
         done = json.loads((out / "bench.json").read_text())
-        if (portable(done["argv"]), done["code"]) == (portable(argv), code):
-            print(f"{method:>8} noise {noise:g} seed {seed}: reused {out}", flush=True)
-            return dict(done, results=json.loads((out / "results.json").read_text()))
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+        print(f"{method:>8} noise {noise:g} seed {seed}: reused {out}", flush=True)
+        return dict(done, results=json.loads((out / "results.json").read_text()))
+    again = []
+    if args.fresh and (out / "results.json").is_file():
+        again = ["--overwrite"]  # asked for: the script keeps the old run until the new one has an epoch
+    elif (out / "last.pt").is_file():
+        again = ["--resume"]  # a run of this command that stopped
+    out.mkdir(parents=True, exist_ok=True)
     print(f"{method:>8} noise {noise:g} seed {seed}: {' '.join(argv[1:])} --out-dir {out}", flush=True)
     t0 = time.time()
-    p = subprocess.run(argv + ["--out-dir", str(out)], capture_output=True, text=True, check=False)
+    p = subprocess.run(argv + ["--out-dir", str(out), *again], capture_output=True, text=True, check=False)
     wall = time.time() - t0
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         print(f"{method:>8} noise {noise:g} seed {seed}: FAILED (exit {p.returncode}): {tail}", flush=True)
         return None
-    done = dict(key, wall_s=wall, finished=time.strftime("%Y-%m-%d %H:%M"))
+    done = dict(key, out=str(out), wall_s=wall, finished=time.strftime("%Y-%m-%d %H:%M"))
     data.atomic_write(out / "bench.json", lambda f: f.write(json.dumps(done, indent=1).encode()))
     print(f"{method:>8} noise {noise:g} seed {seed}: done in {wall / 60:.1f} min", flush=True)
     return dict(done, results=json.loads((out / "results.json").read_text()))
@@ -307,8 +314,23 @@ def bf16_memory_losses(model, images, tokens):
         return tuple(common.info_nce(a, b, scale).float() for a, b in zip(img.chunk(2), txt.chunk(2)))
 
 
+def check_flags(args):
+    """One line for a flag that would do nothing, or a value given twice, before any work."""
+    for flag in ("fake_f30k", "workers"):
+        if getattr(args, flag) is not None and not args.input:
+            raise data.UserError(f"--{flag.replace('_', '-')} is for --input only")
+    args.workers = 2 if args.workers is None else args.workers
+    for flag in ("methods", "noise", "seeds"):
+        values = getattr(args, flag) or []
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise data.UserError(f"--{flag} lists {', '.join(map(str, repeated))} more than once: a repeated "
+                                 "value would count twice in the means")
+
+
 def main():
     args = p.parse_args()
+    check_flags(args)
     if args.input or args.agreement:
         args.out_dir = args.out_dir or "out/bench-precision-input"
         if args.input and args.data_root is None:

@@ -18,12 +18,19 @@ def _table(path):
     return {cells[1]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
 
 
+def _cell(out, method, seed):
+    """The results.json of the one finished run of a method and seed at noise 0.4."""
+    found = [f for f in out.glob(f"{method}-n0.4-s{seed}-*/results.json")]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedded, tmp_path):
     p = run_script("bench.py", "--quick", "--data-root", embedded, "--out-dir", tmp_path)
     assert p.returncode == 0, p.stderr
     rows = _table(tmp_path / "table.md")
     assert list(rows) == ["clean", "baseline", "npc", "sdd", "nlip"]
-    res = {m: json.loads((tmp_path / f"{m}-n0.4-s99" / "results.json").read_text()) for m in rows}
+    res = {m: json.loads(_cell(tmp_path, m, 99).read_text()) for m in rows}
     for m, cells in rows.items():
         r, args = res[m]["test"], res[m]["args"]
         budget = (args["noise"], args["epochs"], args["batch_size"], args["seed"], args["noise_seed"])
@@ -45,6 +52,12 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
     again = run_script("bench.py", "--quick", "--data-root", embedded, "--out-dir", tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reused") == 5 and _table(tmp_path / "table.md") == rows
+    # a changed command goes to a new folder: the finished cell is kept whatever the new one does
+    before = _cell(tmp_path, "baseline", 99).read_bytes()
+    bad = run_script("bench.py", "--quick", "--methods", "baseline", "--epochs", "0", "--data-root", embedded,
+                     "--out-dir", tmp_path)
+    assert "FAILED (exit 2): error: --epochs must be 1 or more, got 0" in bad.stdout
+    assert _cell(tmp_path, "baseline", 99).read_bytes() == before
 
     # a checkout whose npc.py and captions.py (not imported by baseline.py) differ, and whose common.py has a
     # new comment and docstring, keeps the baseline's cell; a second seed gives mean and sd
@@ -63,8 +76,7 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
                          check=False)
     assert two.returncode == 0, two.stderr
     assert "baseline noise 0.4 seed 99: reused" in two.stdout and "seed 0: done in" in two.stdout
-    rsums = [json.loads((tmp_path / f"baseline-n0.4-s{s}" / "results.json").read_text())["test"]["rsum"]
-             for s in (99, 0)]
+    rsums = [json.loads(_cell(tmp_path, "baseline", s).read_text())["test"]["rsum"] for s in (99, 0)]
     row = _table(tmp_path / "table.md")["baseline"]
     mean, sd = (float(x) for x in row[9].split(" ± "))
     assert row[2] == "2" and mean == pytest.approx(sum(rsums) / 2, abs=0.051)
@@ -91,3 +103,26 @@ def test_bench_quick_table_matches_the_runs_and_finished_runs_are_reused(embedde
 def test_bench_bad_noise_is_one_line(tmp_path):
     p = run_script("bench.py", "--noise", "0.4", "1.0", "--out-dir", tmp_path)
     assert p.returncode == 2 and p.stderr.strip() == "error: --noise must be in [0, 1), got [0.4, 1.0]"
+
+
+@pytest.mark.parametrize("flags, want", [
+    (["--seeds", "99", "0", "99"], "--seeds lists 99 more than once"),
+    (["--noise", "0.4", "0.4"], "--noise lists 0.4 more than once"),
+    (["--fake-f30k", "10"], "--fake-f30k is for --input only"),
+    (["--workers", "4"], "--workers is for --input only")])
+def test_bench_refuses_repeats_and_flags_that_would_do_nothing(tmp_path, flags, want):
+    p = run_script("bench.py", *flags, "--out-dir", tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {want}") and len(p.stderr.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_generated_data_never_replaces_a_dataset(tmp_path):
+    """--fake-f30k writes only into a new or empty folder or one it marked; a real dataset's index stays."""
+    real = tmp_path / "f30k"
+    real.mkdir()
+    (real / "dataset_flickr30k.json").write_text('{"images": []}')
+    p = run_script("bench.py", "--input", "--fake-f30k", "4", "--dataset", "f30k", "--data-root", real,
+                   "--out-dir", tmp_path / "out")
+    assert p.returncode == 2 and "holds files that generated data did not write" in p.stderr
+    assert (real / "dataset_flickr30k.json").read_text() == '{"images": []}'
+    assert sorted(f.name for f in real.iterdir()) == ["dataset_flickr30k.json"]
