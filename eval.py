@@ -7,7 +7,9 @@
 
 Prints R@1/5/10 image-to-text and text-to-image and their sum (rSum); --json also writes them to a file.
 """
+import fnmatch
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import baseline
@@ -33,6 +35,11 @@ def main():
                    help="decode every image with PIL (default: decode once)")
     p.add_argument("--json", help="also write the recalls to this JSON file")
     args = p.parse_args()
+    if args.checkpoint and args.pretrained:
+        raise data.UserError("--pretrained is for a zero-shot model; a checkpoint brings its own weights: "
+                             "give one of --checkpoint and --pretrained")
+    if args.json:
+        check_json_path(Path(args.json))
 
     ck = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
     saved = ck.get("args", {}) if ck else {}  # a script's checkpoint; a bare state dict has no "args"
@@ -55,12 +62,35 @@ def main():
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(cfg.data_root))
     r = common.evaluate(model, split, pixels, tokenizer, device, coco_1k=dataset == "coco")
     what = args.checkpoint or f"{cfg.model} {cfg.pretrained or 'embedded pre-trained'} (zero-shot)"
+    if cfg.pretrained and Path(cfg.pretrained).is_file():  # the checkpoint, or the zero-shot weights
+        what += f", sha256 {embedded.sha256(cfg.pretrained)}"
     print(f"{what} on {dataset} {args.split} ({len(split.paths)} images, {len(split.captions)} captions)")
     print(f"{'5K ' if 'coco1k' in r else ''}{common.fmt(r)}")
     if "coco1k" in r:
         print(common.fmt_1k(r["coco1k"], len(split.paths)))
     if args.json:
         data.atomic_write(args.json, lambda f: f.write(json.dumps(r, indent=1).encode()))
+
+
+def check_json_path(path):
+    """--json may create a file, or replace an earlier eval JSON; never a folder, a file of another kind (the
+    checkpoint being read, say) or a file name that a run writes, in a run's folder."""
+    if path.is_dir():
+        raise data.UserError(f"--json {path} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise data.UserError(f"--json {path}: the folder {path.parent} does not exist")
+    if any((path.parent / f).exists() for f in runs.RUN_FILES) and \
+            any(fnmatch.fnmatch(path.name, pattern) for pattern in (*runs.WRITTEN, runs.LOCK)):
+        raise data.UserError(f"--json {path} would replace a file of the run in {path.parent}: "
+                             "give another name")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"i2t_r1", "t2i_r1", "rsum"} <= earlier.keys()):
+            raise data.UserError(f"--json {path} exists and is not an earlier eval.py JSON: "
+                                 "give another name, or delete it")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The scripts end to end: a short fine-tune that improves on its start, resume, eval.py, and bad input."""
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -281,6 +282,41 @@ def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(f
         fails_here(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *rest,
                    words=["cannot create nc-tiny from", "notes.pt"])
     fails_here("eval.py", "--checkpoint", tmp_path / "notes.pt", words=["cannot read checkpoint", "notes.pt"])
+
+
+def test_eval_json_never_replaces_what_it_did_not_write(finished, fails_here, tmp_path):
+    out, _ = finished
+    best = (out / "best.pt").read_bytes()
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--json", out / "best.pt",
+               words=["would replace a file of the run"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--json", out / "results.json",
+               words=["would replace a file of the run"])
+    (tmp_path / "notes.txt").write_text("my notes")
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--json", tmp_path / "notes.txt",
+               words=["exists and is not an earlier eval.py JSON"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--json", tmp_path, words=["is a folder"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--json", tmp_path / "no" / "r.json",
+               words=["does not exist"])
+    fails_here("eval.py", "--checkpoint", out / "best.pt", "--pretrained", out / "last.pt",
+               words=["give one of --checkpoint and --pretrained"])
+    assert (out / "best.pt").read_bytes() == best and (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+def test_the_zero_shot_recalls_are_the_same_under_1_and_2_threads_with_and_without_the_cache(embedded):
+    """The README's zero-shot figure is one number: evaluation does not depend on the threads or the cache
+    (the cache is built by the first run). The line names the weights' sha256, to tell builds apart."""
+    lines = set()
+    for threads in ("1", "2"):
+        for cache in ([], ["--no-image-cache"]):
+            p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--data-root", str(embedded), *cache],
+                               capture_output=True, text=True, timeout=600, check=False,
+                               env=dict(os.environ, OMP_NUM_THREADS=threads))
+            assert p.returncode == 0, p.stderr
+            lines.add(tuple(p.stdout.strip().splitlines()[-2:]))
+    assert len(lines) == 1, lines
+    (what, recalls), = lines
+    sha = hashlib.sha256((embedded / "nc-tiny-pretrained.pt").read_bytes()).hexdigest()[:16]
+    assert f"sha256 {sha}" in what and "rsum" in recalls
 
 
 def test_the_defaults_taken_are_printed_and_the_workers_capped_at_the_cores(monkeypatch, capsys, tmp_path):
