@@ -319,6 +319,15 @@ def test_the_zero_shot_recalls_are_the_same_under_1_and_2_threads_with_and_witho
     assert f"sha256 {sha}" in what and "rsum" in recalls
 
 
+def test_a_step_that_makes_the_weights_not_finite_is_an_error_not_a_result(embedded, fails_here, tmp_path):
+    """The one step's loss is finite; its update (lr 1e30) makes the features NaN. Before the check the run
+    exited 0 with test rSum 0.0 and that model as best.pt."""
+    fails_here("baseline.py", "--data-root", embedded, "--out-dir", tmp_path / "run", "--lr", "1e30",
+               "--warmup", "0", "--batch-size", "1000", "--epochs", "1",
+               words=["the model's features are not finite", "diverged"])
+    assert not any((tmp_path / "run" / f).exists() for f in runs.RUN_FILES)
+
+
 def test_the_defaults_taken_are_printed_and_the_workers_capped_at_the_cores(monkeypatch, capsys, tmp_path):
     import baseline
     monkeypatch.chdir(tmp_path)
