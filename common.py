@@ -284,8 +284,8 @@ def fold_recall(sims, img_of_cap, fold=1000):
 
 
 def evaluate(model, split, pixels, tokenizer, device, coco_1k=False, local=False):
-    """Recalls on a split; with coco_1k also the five-fold 1K means, under key 'coco1k'. A model whose features
-    are not finite is an error, never a score of 0."""
+    """Recalls on a split; with coco_1k also the five-fold 1K means, under key 'coco1k'. A model whose
+    features are not finite is an error, never a score of 0."""
     img, txt = features(model, split, pixels, tokenizer, device, local=local)
     if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):  # a finite loss, then a step too far
         raise UserError("the model's features are not finite: its weights diverged (a learning rate too "

@@ -193,6 +193,9 @@ def zero_shot(clip, img, root, tokenizer, device):
 
 # as measured in shared/EMBEDDED.md
 PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 100}
+# the CPU threads of the pre-training, whatever the machine: the order of a product's sums depends on the
+# threads, so 1 and 2 threads gave two different builds (zero-shot rSum 227.1 both, other recalls)
+PRETRAIN_THREADS = 2
 
 
 def prepare(root, device, log=print, pretrain=True):
@@ -210,11 +213,20 @@ def prepare(root, device, log=print, pretrain=True):
 def pretrain_tiny(root, device, log=print, **overrides):
     """Pre-train nc-tiny once on the clean pre-training split of the embedded data (the embedded analogue
     of OpenAI's CLIP); cached as root/nc-tiny-pretrained.pt, which it returns. One random caption per image
-    a pass."""
+    a pass, on PRETRAIN_THREADS CPU threads whatever the cores, so that the cores do not change the build."""
     hp, path = dict(PRETRAIN, **overrides), Path(root) / "nc-tiny-pretrained.pt"
     if path.exists():
         return str(path)
     log(f"pre-training nc-tiny on the embedded pre-training split ({hp}); cached in {path}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        return _pretrain(root, path, hp, device, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(root, path, hp, device, log):
     torch.manual_seed(0)
     model, preprocess, tokenizer = common.load_model("nc-tiny", "none", device, log)
     pixels = data.Pixels(preprocess, root)

@@ -252,3 +252,22 @@ def test_the_karpathy_json_is_read_as_utf8_whatever_the_locale(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "ANSI" in p.stdout or "ascii" in p.stdout.lower()  # the locale really is not UTF-8
     assert ascii(["un café près de la rivière"]) in p.stdout
+
+
+def test_the_pretrained_weights_do_not_depend_on_the_threads(tmp_path):
+    """Products sum in another order on another number of threads: before pre-training ran on a fixed number,
+    OMP_NUM_THREADS 1 and 2 built different weights (a full build: sha256 aa8025c8 against a4d3e4b0)."""
+    sizes = {"pretrain": 200, "train": 10, "dev": 10, "test": 100}
+    embedded.ensure_embedded(tmp_path / "data", sizes)
+    build = ("import sys, torch, embedded; "
+             "embedded.pretrain_tiny(sys.argv[1], torch.device('cpu'), steps=12, batch_size=64, warmup=3)")
+    shas = []
+    for threads in ("1", "2"):
+        root = tmp_path / f"threads{threads}"
+        root.mkdir()
+        for f in (tmp_path / "data").iterdir():
+            (root / f.name).symlink_to(f)
+        subprocess.run([sys.executable, "-c", build, str(root)], check=True, capture_output=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=threads), cwd=Path(embedded.__file__).parent)
+        shas.append(embedded.sha256(root / "nc-tiny-pretrained.pt"))
+    assert shas[0] == shas[1]
