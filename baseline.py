@@ -11,14 +11,22 @@ With --clean-only it trains on the truly clean pairs only: the upper bound a rob
     python baseline.py --dataset f30k --data-root /data/f30k --noise 0.4     # ViT-B-32 'openai' on a GPU
     torchrun --standalone --nproc_per_node=4 baseline.py --dataset coco --data-root /data/coco
 
-Official settings (NPC's CLIP baseline), the real-data defaults: AdamW betas (0.9, 0.98), eps 1e-6, weight
-decay 0.2, 500 warm-up steps then cosine, grad-norm clip 10, batch 256, 5 epochs, seed 99, 224 px, no
-augmentation.
+Official settings (NPC's CLIP baseline, github.com/ZhangXu0963/NPC main_CLIP.py at 823d781), the real-data
+defaults: AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.2, 500 warm-up steps then cosine, batch 256,
+5 epochs, seed 99, 224 px, no augmentation.
 Deviations, and why:
-  - lr 1e-5, not 5e-7: the official value was tuned for pure-fp16 weights, where most AdamW updates underflow;
-    with fp32 weights and bf16 autocast it barely moves the model (the same lab's later code uses about 1e-5).
-  - the schedule counts optimiser steps; the official one counts samples, so its lr is nearly flat in an
-    epoch.
+  - lr 1e-5, not 5e-7 (NPC README.md:201): the official matrices train in fp16 (clip/model.py:466 converts
+    them, clip/clip.py:139-141 keeps them so on a GPU, and convert_models_to_fp32, main_CLIP.py:21, is never
+    called), their AdamW moments with them; with fp32 weights and bf16 autocast 5e-7 barely moves the model.
+    OSA's official code, by the author of the framework main_CLIP.py builds on (NPC README.md:199), trains at
+    1e-5 (OSA README.md:109).
+  - the gradient norm clipped at 10, as NPC's and SDD's own steps (main_NPC.py:190, main_SDD_sim.py:239),
+    so that every script here takes the same step; main_CLIP.py does not clip (:113-115).
+  - no weight decay on biases, gains and logit_scale, and the logit scale clamped to ln 100 after each step,
+    as open_clip's training code (runs.optimizer, runs.train_step); main_CLIP.py:85 decays every parameter
+    and never clamps.
+  - the schedule counts optimiser steps; the official one counts samples (main_CLIP.py:83, :99), so its lr
+    is nearly flat in an epoch.
   - model selection by dev rSum, and best.pt is only replaced by a better epoch.
   - --clean-only keeps the number of epochs, so it takes fewer steps than the noisy run.
 The embedded defaults (batch 128, lr 5e-4, 50 warm-up steps, 3 epochs) were measured: see the README.

@@ -43,6 +43,8 @@ Choices where the paper is silent, and why:
   - concepts: the caption words outside a short stopword list seen --min-count times; an image's top-k by
     cosine between its CLIP embedding and the word's CLIP text embedding, under the current model, each epoch.
   - the GMM of each epoch uses the raw captions, in seeded random batches (as npc.py). No MAE branch.
+  - AdamW without weight decay on biases, gains and logit_scale, and the logit scale clamped to ln 100 after
+    each step, as open_clip's training code (runs.optimizer, runs.train_step); NLIP has no public code.
 Infrastructure as baseline.py; --compile compiles CLIP and the decoder in training. Generation stays eager (a
 new shape every word); under torchrun each process writes every W-th batch. The defaults (the dicts below)
 pre-train from scratch; the embedded ones are those of the tiny CLIP's pre-training in embedded.py.

@@ -27,24 +27,28 @@ The look-ahead's optimiser: A' takes the step A's own optimiser would take on th
 look-ahead A' receives A's weights, AdamW moments and current learning rate (copied in place) and uses the
 same clipping.
 
-Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
-  - per-sample weights: the official batch losses are means, so its w collapses to one scale per batch,
-    mean(w) * mean(l); the paper weights each l_i. --official-loss restores the collapse.
+Deviations from the official code (github.com/ZhangXu0963/NPC; file:line at 823d781), and why:
+  - per-sample weights: the official batch losses are means (clip/criterions.py:19-20), so its w collapses to
+    one scale per batch, mean(w) * mean(l) (main_NPC.py:183); the paper weights each l_i. --official-loss
+    restores the collapse.
   - the memory term is trained on (under A, with gradient), as in the paper; the official code computes it on
-    A' under no_grad, a constant that changes nothing. --official-loss restores the constant.
-    --official-loss reproduces the official loss only: the four deviations below stay.
-  - the look-ahead backward runs once; the official code calls backward() twice, doubling the gradient. The
-    look-ahead step is clipped at norm 10, as A's; the official siamese step is not clipped.
-  - the look-ahead starts from A's AdamW moments each step; the official siamese optimiser keeps its own
-    moments across steps although its weights are reset each step, so its step is not the one A would take.
-  - neighbours are searched with normalised features on both sides (the official search leaves the clean ones
-    raw).
-  - the bank is built here, deterministically, from the starting model (the official code needs a separate
-    script and an .npy file). Its per-sample losses come from seeded random batches of --batch-size pairs, so
-    that a batch rarely holds several captions of one image (the official batches are sequential: 5 captions
-    of one image side by side). The GMM sees the losses min-max scaled to [0, 1] (common.gmm_fit), so its
-    reg_covar 5e-4 is relative to their range; the official GMM fits the raw losses. With --resume the bank
-    is rebuilt from the starting model, identically.
+    A' under no_grad (main_NPC.py:150-158), a constant that changes nothing. --official-loss restores the
+    constant. --official-loss reproduces the official loss only: the deviations below stay.
+  - the look-ahead loss is the symmetric mean, its backward runs once; the official one sums the two
+    directions' means (main_NPC.py:165) and calls backward() twice (:169-170), 4x the gradient. The
+    look-ahead step is clipped at norm 10, as A's (:190); the official siamese step (:171) is not.
+  - the look-ahead starts from A's AdamW moments each step; the official siamese optimiser is made once
+    (main_NPC.py:88) and keeps its own moments while its weights are copied from A each step (:147-148), so
+    its step is not the one A would take.
+  - neighbours are searched with normalised features on both sides; the official search leaves the clean
+    ones raw (get_memorybank.py:34-35 against the normalised queries of :88-89).
+  - the bank is built here, deterministically, from the starting model; the official get_mbank
+    (get_memorybank.py:10) is called by no script (its `logger` is undefined) and main_NPC.py reads the bank
+    from .npy files (data.py:103-104). Its per-sample losses come from seeded random batches of --batch-size
+    pairs, so that a batch rarely holds several captions of one image. The GMM sees the losses min-max scaled
+    to [0, 1] (common.gmm_fit), so its reg_covar 5e-4 is relative to their range; the official GMM fits the
+    raw losses (get_memorybank.py:51-53). With --resume the bank is rebuilt from the starting model,
+    identically.
   - --refresh-bank (off by default) rebuilds the bank from the current model before every epoch after the
     first; the paper's bank is fixed. It is for a starting model that does not know the data, whose bank is
     small and noisy: the bank line warns when the clean set is under half of the pairs the GMM takes for clean
@@ -53,7 +57,10 @@ Deviations from the official code (github.com/ZhangXu0963/NPC), and why:
     training runs in bf16: at the real-data lr (1e-5) one step moves r by about as much as bf16 rounding does,
     and bf16 and fp32 then disagree on which pairs get w < 1 (README, "Precision"). This costs a separate
     forward of the 2B memory pairs before the step: 13 forward-equivalents a pair against a plain step's 3.
-  - lr, schedule, model selection: as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
+  - lr, schedule, model selection: as baseline.py (lr 1e-5 on real data, not 2e-7 as README.md:195; see its
+    docstring); no weight decay on biases, gains and logit_scale, and the logit scale clamped to ln 100 after
+    each step, as open_clip's training code (runs.optimizer, runs.train_step); the official AdamW decays
+    every parameter (main_NPC.py:84) and never clamps.
 Defaults: those of baseline.py (embedded: batch 128, lr 5e-4, 50 warm-up steps, 3 epochs).
 Infrastructure as baseline.py. --compile compiles the training forwards and backwards of A and A'; the fp32
 memory passes stay eager: they call the bare modules without gradient, and their time is fp32 matrix products.

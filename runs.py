@@ -272,7 +272,9 @@ def loader(ds, batch_size, workers, seed):
 
 
 def optimizer(model, lr, wd):
-    """AdamW, official betas and eps; no weight decay on gains, biases or logit_scale (as open_clip)."""
+    """AdamW, official betas and eps; no weight decay on gains, biases or logit_scale, as open_clip's training
+    code (src/open_clip_train/legacy_main.py:332 at 89fb801); the official NPC, SDD and OSA AdamW decay every
+    parameter (NPC main_CLIP.py:85)."""
     groups = {True: [], False: []}
     for n, p in model.named_parameters():
         groups[p.ndim >= 2 and "logit_scale" not in n].append(p)
@@ -292,8 +294,10 @@ def set_lr(opt, step, total, warmup, peak):
 
 
 def train_step(model, opt, loss, clip=10.0):
-    """Backward, clip the gradient norm (official: 10), step, clamp the logit scale to ln(100). A loss that is
-    not finite stops the run in one line, before it reaches the weights or a checkpoint."""
+    """Backward, clip the gradient norm at 10 (as NPC main_NPC.py:190 and SDD main_SDD_sim.py:239; NPC's
+    main_CLIP.py does not clip), step, clamp the logit scale to ln(100) as open_clip's training code
+    (legacy_train.py:200; no official NPC/SDD/OSA code clamps it). A loss that is not finite stops the run in
+    one line, before it reaches the weights or a checkpoint."""
     if not torch.isfinite(loss):
         step = int(next(iter(opt.state.values()), {}).get("step", 0)) + 1
         lr = opt.param_groups[0]["lr"]

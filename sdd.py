@@ -28,7 +28,8 @@ Paper -> code:
     memory bank                bank_img, bank_txt (N,): NPC's neighbours, pool = starting pairs with S > beta
     w_sig_i                    w_sig (B,) = tanh(r_i) if r_i < 1 else 1, r from the memory losses before and
                                after A' stepped on mean(w_con * l)
-    L = mean_i w_sig_i w_con_i l_i    loss, over a batch of D_p; no memory term
+    L = mean_i w_sig_i w_con_i l_i    loss, over a batch of D_p; no memory term (as the official
+                               main_SDD_sim.py:232, whose per-pair losses carry w_con from :200-201)
 
 Thresholds. The official alpha = 0.20 and beta = 0.30 (cosine) fit OpenAI's CLIP, whose matched pairs score a
 cosine near 0.3 with a spread of a few hundredths, so 0.20 and 0.30 sit near mu - 3 sd and mu of its matched
@@ -39,21 +40,22 @@ noise: a GMM on the noisy training pairs also finds them at noise 0.4 (0.414, 0.
 matched pairs are too few.
 
 Deviations from the official code (github.com/DongChenwei2000/SDD), and why:
-  - the text-side memory pair is looked up by the pair's original index (the official code uses its position
-    in D_p).
-  - the look-ahead as in npc.py: one backward (not two), A's AdamW moments copied in place, normalised bank
-    search, the memory losses before and after it in fp32 without gradient (bf16 rounding is as large as one
-    step's effect).
+  - the text-side memory pair is looked up by the pair's original index (the official data.py:376 uses its
+    position in D_p).
+  - the look-ahead as in npc.py: one backward (the official main_SDD_sim.py:209-210 calls it twice), A's
+    AdamW moments copied in place, the memory losses before and after it in fp32 without gradient (bf16
+    rounding is as large as one step's effect).
   - the GMM sees the cosines min-max scaled to [0, 1] (common.gmm_clean_prob); the official one sees raw
-    logits. The fit is the same up to reg_covar, which is then relative to the range of S.
-  - w_con comes from a GMM on S of all N pairs, min-max scaled over all N, as in the official code; the
-    paper's figure fits it on the partial set D_p.
-  - the loss weight is the dual weight w_sig * w_con, as in the paper. The official main_SDD_sim.py (commit
-    5548086) computes w_sig but leaves it out of the loss (the line that multiplies it in is commented out).
+    logits (get_memorybank.py:121-124). The fit is the same up to reg_covar, then relative to the range of S.
+  - w_con comes from a GMM on S of all N pairs, min-max scaled over all N, as in the official code
+    (get_memorybank.py:129); the paper's figure fits it on the partial set D_p.
   - the schedule runs over epochs of D_p (warm-up and cosine in fractions of an epoch), so it ends at 0
-    whatever the number of dropped pairs; the official one counts full-set steps and so never finishes its
-    decay.
-  - lr and model selection as baseline.py (lr 1e-5 on real data, not 2e-7; see its docstring).
+    whatever the number of dropped pairs; the official one counts full-set samples (main_SDD_sim.py:85, :150)
+    and so never finishes its decay.
+  - lr and model selection as baseline.py (lr 1e-5 on real data, not 2e-7 as README.md:13; see its
+    docstring); no weight decay on biases, gains and logit_scale, and the logit scale clamped to ln 100 after
+    each step, as open_clip's training code (runs.optimizer, runs.train_step); the official AdamW decays
+    every parameter (main_SDD_sim.py:87) and never clamps.
 Infrastructure as npc.py (--compile: A and A', not the fp32 memory passes). The memory bank, the memory-pair
 dataset and the look-ahead copy are NPC's, written out again below so that this file reads alone.
 Defaults: those of baseline.py (embedded: batch 128, lr 5e-4, 50 warm-up steps, 3 epochs). There the drop is
