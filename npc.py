@@ -309,10 +309,12 @@ def main():
 
     # ---- training
     for epoch in range(start, args.epochs):
-        used = "the starting model's"
+        used, bank_s = "the starting model's", 0.0
         if args.refresh_bank and epoch > 0:  # a deviation from the paper, whose bank is fixed
+            t0 = time.time()
             pairs.bank_img, pairs.bank_txt, bank = rebuild(model)
-            used = f"rebuilt from the model of epoch {epoch}"
+            bank_s = time.time() - t0
+            used = f"rebuilt from the model of epoch {epoch} in {bank_s:.1f}s"
             # a new loader: each worker process holds the copy of `pairs` it got when it started, and the
             # old workers (persistent across epochs) would go on serving the old bank
             loader = runs.loader(pairs, args.batch_size, args.workers, args.seed)
@@ -362,7 +364,8 @@ def main():
                  "w_below_1": float((w < 1).mean()), "pairs": len(w), "noisy_pairs": int(noisy.sum()),
                  "memory_noisy": float(is_noisy[memory].mean()), "memory_from_bank": float(in_bank.mean())}
         dev_r = evaluate(model, dev)
-        history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "dev": dev_r, "memory_bank": bank})
+        history.append({"epoch": epoch + 1, **stats, "time_s": train_s, "bank_s": bank_s, "dev": dev_r,
+                        "memory_bank": bank})
         log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  w {stats['w_mean']:.3f} "
             f"sd {stats['w_std']:.3f} (clean {stats['w_clean'] or float('nan'):.3f}, "
             f"noisy {stats['w_noisy'] or float('nan'):.3f}, {stats['w_below_1']:.0%} below 1)  lr {lr:.2e}")
