@@ -230,7 +230,11 @@ class Pixels:
         if self.folder is None:
             return Decoded(paths, self.pil)
         steps = re.sub(r" at 0x[0-9a-f]+", "", repr(self.pil))  # the transform, without memory addresses
-        key = hashlib.sha1("\n".join([steps, *map(str, paths)]).encode()).hexdigest()[:16]
+        try:  # one stat a file: a changed file (its size or time) makes a new cache
+            files = [f"{p} {s.st_size} {s.st_mtime_ns}" for p in paths for s in [os.stat(p)]]
+        except OSError as e:
+            raise UserError(f"cannot read image {e.filename} ({e.strerror})") from None
+        key = hashlib.sha1("\n".join([steps, *files]).encode()).hexdigest()[:16]
         path = Path(self.folder) / "image-cache" / f"{len(paths)}-images-{key}.npy"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

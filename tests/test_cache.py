@@ -59,6 +59,17 @@ def test_the_cache_is_built_once_and_rebuilt_when_the_images_or_the_transform_ch
     assert files == sorted(p.name for p in builds)  # no temp files
 
 
+def test_an_image_changed_after_the_build_is_served_as_it_is_now(tmp_path):
+    """The key covers each file's size and time: before, a repainted image kept its old cached pixels."""
+    root = tmp_path / "f30k"
+    embedded.write_f30k_like(root, {"train": 4, "dev": 1, "test": 1})
+    paths = data.load_split("f30k", root, "train").paths
+    before = data.Pixels(_preprocess(64), tmp_path).images(paths)[2][0]
+    Image.new("RGB", (500, 375), (128, 128, 128)).save(paths[2], quality=90)  # painted grey
+    now = data.Pixels(_preprocess(64), tmp_path).images(paths)[2][0]
+    assert torch.equal(now, data.Pixels(_preprocess(64)).images(paths)[2][0]) and not torch.equal(now, before)
+
+
 def test_a_failed_build_leaves_no_cache_file(f30k, tmp_path):
     paths = data.load_split("f30k", f30k, "train").paths
     bad = tmp_path / "bad.jpg"
