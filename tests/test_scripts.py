@@ -206,7 +206,10 @@ def test_overwrite_checks_every_input_before_it_replaces_a_finished_run(finished
     p = run_script("baseline.py", "--data-root", embedded, "--out-dir", out, "--overwrite", *FAST,
                    "--epochs", "1")
     assert p.returncode == 0, p.stderr
-    assert sorted(f.name for f in out.iterdir()) == ["best.pt", "last.pt", "log.txt", "results.json"]
+    foreign = {n for n in before if n not in ("best.pt", "last.pt", "log.txt", "results.json")}
+    assert sorted(f.name for f in out.iterdir()) == sorted({"best.pt", "last.pt", "log.txt", "results.json",
+                                                           *foreign})  # nothing set aside is left behind
+    assert all((out / n).read_bytes() == before[n] for n in foreign)  # files the scripts never write are kept
     assert json.loads((out / "results.json").read_text())["args"]["epochs"] == 1
 
 
