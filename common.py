@@ -56,7 +56,7 @@ def start_epoch(loader, args, epoch):
     if loader is not None:
         loader.sampler.set_epoch(epoch)
     for seed_fn in (random.seed, np.random.seed, torch.manual_seed):
-        seed_fn(args.seed + rank() + 1000 * (epoch + 1))
+        seed_fn((args.seed + rank() + 1000 * (epoch + 1)) % 2**32)  # numpy's seeds stop at 2**32 - 1
 
 
 def global_mean(xs):

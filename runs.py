@@ -105,6 +105,14 @@ def check_flags(args):
         value = getattr(args, flag)
         if not 0 <= value < float("inf"):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for flag in ("seed", "noise_seed"):  # numpy's generators take seeds below 2**32
+        if getattr(args, flag) > 2**32 - 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at most 2**32 - 1 = {2**32 - 1}, "
+                            f"got {getattr(args, flag)}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; each process takes batch / processes
+    if args.batch_size % processes:
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly over {processes} processes: "
+                        f"give a multiple of {processes}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out-dir and --overwrite deletes it: give one of "
                         "them")

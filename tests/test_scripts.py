@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_script
 
+import common
 import data
 import runs
 
@@ -248,6 +249,8 @@ def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_
     (["--workers", "-2"], ["--workers must be"]),
     (["--seed", "-1"], ["--seed must be"]),
     (["--noise-seed", "-3"], ["--noise-seed must be"]),
+    (["--seed", str(2**32)], ["--seed must be at most 2**32 - 1", "got 4294967296"]),
+    (["--noise-seed", str(2**40)], ["--noise-seed must be at most 2**32 - 1"]),
     (["--device", "gpu0"], ["--device gpu0 is not a device name"]),
     (["--device", "cuda:7"], ["--device cuda:7: this machine has"]),
     (["--device", "mps"], ["--device mps: only cpu and cuda"]),
@@ -255,6 +258,23 @@ def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_
 def test_shared_flags_out_of_range_are_one_line_before_any_work(argv, words, fails_here, tmp_path):
     assert fails_here("baseline.py", *argv, words=words) == ""
     assert list(tmp_path.iterdir()) == []  # no data generated, no out-dir made
+
+
+def test_a_batch_the_processes_cannot_split_evenly_is_refused(fails_here, monkeypatch, tmp_path):
+    """Under torchrun each of W processes takes batch / W pairs: --batch-size 33 on 2 trained 2 x 16 and
+    recorded 33."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(common, "setup", lambda args: pytest.fail("not refused: it would wait for process 2"))
+    fails_here("baseline.py", "--batch-size", "33", words=["--batch-size 33 does not split evenly over 2",
+                                                           "multiple of 2"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_largest_seed_trains(embedded, tmp_path):
+    """2**32 - 1 is accepted, and the generators seeded from it and the epoch do not overflow."""
+    p = run_script("baseline.py", "--data-root", embedded, "--out-dir", tmp_path / "o", *FAST,
+                   "--epochs", "1", "--seed", str(2**32 - 1))
+    assert p.returncode == 0, p.stderr
 
 
 @pytest.mark.parametrize("script", ["npc.py", "sdd.py", "nlip.py"])
