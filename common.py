@@ -134,6 +134,16 @@ def tag_kwargs(model, pretrained):
             "image_resize_mode": cfg.get("resize_mode")}
 
 
+def looks_like_weights(path):
+    """Whether the file can hold weights open_clip reads: by name (.safetensors, .npz) or by its first bytes
+    (torch.save writes a zip file, or a pickle in older versions)."""
+    if str(path).endswith((".safetensors", ".npz")):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def own_checkpoint(path):
     """A checkpoint these scripts wrote ({"model": state dict, "args": its flags, ...}), else None."""
     try:
@@ -147,6 +157,9 @@ def load_model(model_name, pretrained, device, log=print):
     """(model, preprocess, tokenizer): an open_clip model with weights from a tag, a file (open_clip's, or a
     checkpoint of these scripts), or none (random init)."""
     path, kwargs = resolve_weights(model_name, pretrained)
+    if path and not looks_like_weights(path):
+        raise UserError(f"cannot create {model_name} from {path}: not a checkpoint (a torch.save file, "
+                        ".safetensors or .npz)")
     own = own_checkpoint(path) if path else None
     logging.disable(logging.WARNING)  # open_clip warns of a random init, which the line below states
     try:

@@ -77,7 +77,11 @@ def _lines(path):
     """The lines of a text file without its trailing blank lines; a blank line before them is an error."""
     if not path.is_file():
         raise UserError(f"{path} is missing")
-    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text, the encoding expected (byte {e.start}: {e.reason})"
+                        ) from None
     blank = next((k for k, line in enumerate(lines) if not line.strip()), None)
     if blank is not None:
         raise UserError(f"{path}: line {blank + 1} is blank")
@@ -116,7 +120,8 @@ def load_split(dataset, root, split):
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist (--data-root)")
+        what = "is a file" if root.exists() else "does not exist"
+        raise UserError(f"data folder {root} {what} (--data-root)")
     names = ([JSON_NAMES[dataset]] if dataset in JSON_NAMES
              else [p.name for p in sorted(root.glob("dataset_*.json"))])
     if len(names) > 1:
@@ -204,7 +209,15 @@ def cache_dir(root):
     if os.access(root, os.W_OK):
         return Path(root)
     home = Path(os.environ.get("NC_CACHE") or Path.home() / ".cache" / "noisy-correspondence")
-    return home / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    folder = home / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{root} is read-only and its caches cannot go to {home} either ({e.strerror}): set "
+                        "$NC_CACHE to a writable folder") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{root} is read-only and so is {folder}: set $NC_CACHE to a writable folder")
+    return folder
 
 
 class Pixels:
@@ -236,16 +249,27 @@ class Pixels:
             raise UserError(f"cannot read image {e.filename} ({e.strerror})") from None
         key = hashlib.sha1("\n".join([steps, *files]).encode()).hexdigest()[:16]
         path = Path(self.folder) / "image-cache" / f"{len(paths)}-images-{key}.npy"
-        if not path.exists():
+        if not whole(path, len(paths)):
             path.parent.mkdir(parents=True, exist_ok=True)
             folder = os.open(path.parent, os.O_RDONLY)
             try:
                 fcntl.flock(folder, fcntl.LOCK_EX)  # one builder; a concurrent run waits, then reads its file
+                if path.exists() and not whole(path, len(paths)):  # written whole, so damaged since
+                    print(f"{path} is damaged (truncated?): decoding the images again", flush=True)
+                    path.unlink()
                 if not path.exists():
                     build_cache(path, Decoded(paths, self.pil), self.workers)
             finally:
                 os.close(folder)
         return Cached(path)
+
+
+def whole(path, n):
+    """Whether path holds a readable cache of n images (its header, and a file as long as it says)."""
+    try:
+        return np.load(path, mmap_mode="r").shape[0] == n
+    except (OSError, ValueError, EOFError):
+        return False
 
 
 def build_cache(path, images, workers):

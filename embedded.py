@@ -124,6 +124,9 @@ def ensure_embedded(root, sizes=None, seed=0):
     root = Path(root)
     if (root / data.JSON_NAMES["embedded"]).exists():
         return
+    parent = next(p for p in (root, *root.parents) if p.exists())  # the nearest part of the path that exists
+    if not parent.is_dir():
+        raise data.UserError(f"--data-root {root}: {parent} is a file, not a folder")
     sizes = sizes or EMBEDDED_SIZES
     print(f"{root} holds no {data.JSON_NAMES['embedded']}: generating the embedded dataset there, once "
           f"({sum(sizes.values())} images {sizes}; with pre-training about 4-5 min on 2 cores; "

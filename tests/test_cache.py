@@ -125,3 +125,29 @@ def test_building_the_cache_leaves_the_global_random_generator_alone(f30k, tmp_p
     torch.manual_seed(0)
     data.Pixels(_preprocess(64), tmp_path).images(paths)
     assert torch.equal(torch.rand(3), want)
+
+
+def test_a_truncated_cache_file_is_rebuilt_with_a_line(f30k, tmp_path, capsys):
+    """Before: np.load's ValueError (mmap length is greater than file size) in the first batch."""
+    paths = data.load_split("f30k", f30k, "train").paths
+    first = data.Pixels(_preprocess(96), tmp_path).images(paths)
+    want = first[len(paths) - 1][0]
+    size = first.path.stat().st_size
+    with open(first.path, "r+b") as f:
+        f.truncate(size // 2)
+    capsys.readouterr()
+    again = data.Pixels(_preprocess(96), tmp_path).images(paths)
+    assert "is damaged (truncated?): decoding the images again" in capsys.readouterr().out
+    assert again.path.stat().st_size == size and torch.equal(again[len(paths) - 1][0], want)
+
+
+def test_a_read_only_data_root_with_a_read_only_cache_is_one_line(tmp_path, monkeypatch):
+    """Before: a PermissionError (or NotADirectoryError) traceback from mkdir."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # the root is read-only (as root, even)
+    monkeypatch.setenv("NC_CACHE", str(tmp_path / "file" / "cache"))  # a cache that cannot be made
+    with pytest.raises(data.UserError, match="is read-only and its caches cannot go to .* set \\$NC_CACHE"):
+        data.cache_dir(tmp_path)
+    monkeypatch.setenv("NC_CACHE", str(tmp_path / "cache"))  # one that exists, but is not writable either
+    with pytest.raises(data.UserError, match="is read-only and so is .*: set \\$NC_CACHE"):
+        data.cache_dir(tmp_path)

@@ -271,3 +271,13 @@ def test_the_pretrained_weights_do_not_depend_on_the_threads(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS=threads), cwd=Path(embedded.__file__).parent)
         shas.append(embedded.sha256(root / "nc-tiny-pretrained.pt"))
     assert shas[0] == shas[1]
+
+
+def test_a_scan_caption_file_that_is_not_utf8_is_one_line(tmp_path):
+    """Before: a UnicodeDecodeError traceback."""
+    _scan(tmp_path, "coco", ids_per_caption=True)
+    d = tmp_path / "annotations" / "scan_split"
+    caps = (d / "train_caps.txt").read_text().replace("7 says", "caf\xe9 7")
+    (d / "train_caps.txt").write_bytes(caps.encode("latin-1"))
+    with pytest.raises(UserError, match="train_caps.txt is not UTF-8 text, the encoding expected"):
+        data.load_split("coco", tmp_path, "train")

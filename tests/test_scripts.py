@@ -293,6 +293,16 @@ def test_an_out_dir_that_is_a_file_or_under_one_is_one_line(fails_here, tmp_path
         fails_here("baseline.py", "--out-dir", tmp_path / "locked" / "run", words=["is not writable"])
 
 
+def test_a_data_root_that_is_a_file_is_one_line(fails_here, tmp_path):
+    """Before: the embedded build's NotADirectoryError traceback, and 'does not exist' for real data."""
+    (tmp_path / "file").write_text("not a folder")
+    for script, rest in (("baseline.py", ["--out-dir", "o"]), ("eval.py", [])):
+        fails_here(script, "--data-root", tmp_path / "file", *rest, words=["is a file, not a folder"])
+        fails_here(script, "--data-root", tmp_path / "file" / "sub", *rest, words=["is a file, not a folder"])
+    fails_here("baseline.py", "--dataset", "f30k", "--data-root", tmp_path / "file", "--out-dir", "o",
+               words=["data folder", "is a file"])
+
+
 def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(finished, embedded, fails_here,
                                                                               tmp_path):
     out, _ = finished
@@ -303,7 +313,7 @@ def test_resume_with_no_checkpoint_and_bad_weights_or_checkpoints_are_one_line(f
     (tmp_path / "notes.pt").write_text("not weights")
     for script, rest in (("baseline.py", ["--out-dir", "o"]), ("eval.py", [])):
         fails_here(script, "--data-root", embedded, "--pretrained", tmp_path / "notes.pt", *rest,
-                   words=["cannot create nc-tiny from", "notes.pt"])
+                   words=["cannot create nc-tiny from", "notes.pt: not a checkpoint"])  # was KeyError: 101
     fails_here("eval.py", "--checkpoint", tmp_path / "notes.pt", words=["cannot read checkpoint", "notes.pt"])
 
 
