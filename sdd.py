@@ -263,7 +263,8 @@ def main():
     numbers = [threshold(f, getattr(args, f), None) for f in ("alpha", "beta")]  # None: auto
     if None not in numbers and numbers[0] > numbers[1]:  # the bank would hold pairs the drop removes
         raise data.UserError(f"--alpha {numbers[0]:g} is above --beta {numbers[1]:g}: the memory bank "
-                             "(S > beta) would hold pairs the self-drop (S <= alpha) removes; give alpha <= beta")
+                             "(S > beta) would hold pairs the self-drop (S <= alpha) removes: give "
+                             "alpha <= beta")
     runs.claim_out_dir(args, "sdd")  # refuses a folder holding another run, unless --resume or --overwrite
     if args.plot:
         try:

@@ -406,5 +406,5 @@ def test_sdd_alpha_above_beta_is_refused_before_any_work(embedded, fails_here, t
     """With alpha above beta the bank (S > beta) holds pairs the self-drop (S <= alpha) removes. Before the
     check the run trained with it without a word."""
     fails_here("sdd.py", "--data-root", embedded, "--out-dir", tmp_path / "run", "--alpha", "0.6", "--beta",
-               "0.3", words=["--alpha 0.6 is above --beta 0.3", "alpha <= beta"])
+               "0.3", words=["--alpha 0.6 is above --beta 0.3", "give alpha <= beta"])
     assert not (tmp_path / "run").exists()
