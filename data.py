@@ -11,6 +11,7 @@ On-disk layouts (--data-root is the folder holding them):
                  {split}_ids.txt (one id per caption, or one per image, repeated for its captions).
                  Images under images/: f30k names from annotations/scan_split/image_name.txt (line = id),
                  coco COCO_2014_<id, 12 digits>.jpg, cc120k <id>.jpg."""
+import collections
 import fcntl
 import hashlib
 import json
@@ -187,6 +188,42 @@ def noisy_train(dataset, root, noise, seed):
     """The noisy training split -> (split, is_noisy); the permutation is cached in cache_dir(root)/noise/."""
     cache = cache_dir(root) / "noise" / f"{dataset}_n{noise:g}_s{seed}.npy"
     return inject_noise(load_split(dataset, root, "train"), noise, seed, cache)
+
+
+MIN_RANKED = 11  # images of a dev or test split: t2i recall@10 ranks the images, so 10 or fewer score 100
+
+
+def check_ranked(name, paths):
+    if len(paths) < MIN_RANKED:
+        raise UserError(f"the {name} split has {len(paths)} image(s): recall@10 ranks the images, so with 10 "
+                        f"or fewer it is 100 for any model; it needs at least {MIN_RANKED}")
+
+
+def check_splits(pixels, log, train, dev, test):
+    """Before the first step: an image listed twice is named (a warning), dev and test can be ranked, no
+    train image is in dev or test (an error: the score would be of pairs trained on), and every image of
+    every split decodes (building the cache does it once; with no cache, one pass of PIL)."""
+    files = {name: [os.path.realpath(p) for p in s.paths] for name, s in
+             (("train", train), ("dev", dev), ("test", test))}  # a file under two names is one image
+    for name, paths in files.items():
+        twice = [p for p, n in collections.Counter(paths).items() if n > 1]
+        if twice:
+            log(f"warning: {len(twice)} image(s) of the {name} split are listed more than once, first: "
+                f"{twice[0]} (its captions count once a listing)")
+    both = set(files["dev"]) & set(files["test"])
+    if both:
+        log(f"warning: {len(both)} image(s) are in both the dev and the test split, first: {min(both)}")
+    for name in ("dev", "test"):
+        check_ranked(name, files[name])
+        both = set(files["train"]) & set(files[name])
+        if both:
+            raise UserError(f"{len(both)} image(s) of the {name} split are also in the train split, "
+                            f"first: {min(both)}")
+    for split in (train, dev, test):
+        images = pixels.images(split.paths)  # with the cache, built now: every file decoded once
+        if pixels.folder is None:
+            for _ in torch.utils.data.DataLoader(images, 64, num_workers=pixels.workers):
+                pass  # a broken file raises here, before any training
 
 
 class Pairs(torch.utils.data.Dataset):

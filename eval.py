@@ -59,6 +59,7 @@ def main():
     # a checkpoint's weights go into the model its run trained (load_model reads its starting tag's settings)
     model, preprocess, tokenizer = common.load_model(cfg.model, cfg.pretrained, device, log=log)
     split = data.load_split(dataset, cfg.data_root, args.split)
+    data.check_ranked(args.split, split.paths)
     pixels = data.Pixels(preprocess, None if args.no_image_cache else data.cache_dir(cfg.data_root))
     r = common.evaluate(model, split, pixels, tokenizer, device, coco_1k=dataset == "coco")
     what = args.checkpoint or f"{cfg.model} {cfg.pretrained or 'embedded pre-trained'} (zero-shot)"

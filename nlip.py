@@ -50,6 +50,7 @@ new shape every word); under torchrun each process writes every W-th batch. The 
 pre-train from scratch; the embedded ones are those of the tiny CLIP's pre-training in embedded.py.
 """
 import functools
+import sys
 import time
 
 import numpy as np
@@ -113,17 +114,24 @@ STOPWORDS = {"a", "an", "the", "of", "in", "on", "at", "and", "with", "to", "is"
              "that", "it", "its", "some"}
 
 
+EPS_FLAGS = ("--lam", "--synthetic-lam", "--replace-above", "--learned-margin")  # each acts through eps
+
+
 def check_flags(args):
     """NLIP's own flags, each in its range (one line, exit 2)."""
     args.synthetic_lam = args.lam if args.synthetic_lam is None else args.synthetic_lam
     ranges = {"lam": (0, 1), "synthetic_lam": (0, 1), "replace_above": (0, 1), "lm_weight": (0, np.inf),
-              "warmup_epochs": (0, np.inf), "concepts": (1, np.inf), "beam": (1, np.inf),
-              "dec_layers": (1, np.inf), "max_words": (2, np.inf)}
+              "warmup_epochs": (0, np.inf), "concepts": (1, np.inf), "min_count": (1, np.inf),
+              "beam": (1, np.inf), "dec_layers": (1, np.inf), "max_words": (2, np.inf)}
     for flag, (low, high) in ranges.items():
         value = getattr(args, flag)
         if not low <= value <= high:
             allowed = f"in [{low}, {high}]" if high < np.inf else f">= {low}"
             raise data.UserError(f"--{flag.replace('_', '-')} must be {allowed}, got {value}")
+    given = [a.split("=")[0] for a in sys.argv[1:] if a.split("=")[0] in EPS_FLAGS]
+    if given and args.epochs <= args.warmup_epochs:
+        raise data.UserError(f"{given[0]} does nothing here: eps is first used after --warmup-epochs "
+                             f"{args.warmup_epochs}, and --epochs is {args.epochs}; train longer or drop it")
 
 
 # ---- the decoder
@@ -264,10 +272,18 @@ def main():
     clip, preprocess, tokenizer = common.load_model(args.model, args.pretrained, device, log)
     cache = None if args.no_image_cache else data.cache_dir(args.data_root)
     pixels = data.Pixels(preprocess, cache, args.workers)
+    data.check_splits(pixels, log, train, dev, test)  # every image decodes, no split leaks into another
     evaluate = functools.partial(common.evaluate, pixels=pixels, tokenizer=tokenizer, device=device)
     train_images = pixels.images(train.paths)  # for the captions the decoder writes (training reads the same)
     vocab = captions.vocabulary(train.captions, args.min_count)
     concept_ids = [i for i, w in enumerate(vocab) if i > captions.UNK and w not in STOPWORDS]
+    if not concept_ids:
+        raise data.UserError(f"--min-count {args.min_count} leaves no concept: no word of the training "
+                             "captions outside the stopwords is seen that often; give a lower --min-count")
+    if len(concept_ids) < args.concepts:
+        raise data.UserError(f"--concepts {args.concepts}: the vocabulary has {len(concept_ids)} concepts "
+                             f"(words seen --min-count {args.min_count} times or more, stopwords left out); "
+                             f"give at most {len(concept_ids)}")
     concept_tokens = tokenizer([vocab[c] for c in concept_ids])  # (C, L) each concept word as a text
     words = torch.as_tensor(captions.encode(train.captions, vocab, args.max_words + 1))  # (N, T) for L_LM
     captioner = None

@@ -275,6 +275,7 @@ def main():
     model, preprocess, tokenizer = common.load_model(args.model, weights, device, log)
     cache = None if args.no_image_cache else data.cache_dir(args.data_root)
     pixels = data.Pixels(preprocess, cache, args.workers)
+    data.check_splits(pixels, log, train, dev, test)  # every image decodes, no split leaks into another
     evaluate = functools.partial(common.evaluate, pixels=pixels, tokenizer=tokenizer, device=device)
 
     # ---- the memory bank (from the starting model, also on --resume), and the siamese copy

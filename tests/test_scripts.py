@@ -408,3 +408,66 @@ def test_sdd_alpha_above_beta_is_refused_before_any_work(embedded, fails_here, t
     fails_here("sdd.py", "--data-root", embedded, "--out-dir", tmp_path / "run", "--alpha", "0.6", "--beta",
                "0.3", words=["--alpha 0.6 is above --beta 0.3", "give alpha <= beta"])
     assert not (tmp_path / "run").exists()
+
+
+def _copy_of(embedded, root, edit=None):
+    """A data root reading the small embedded data through links, its index changed by edit(images) (a list
+    of the JSON's image records); image files are linked one by one, so that one can be replaced."""
+    index = json.loads((embedded / "dataset_embedded.json").read_text())
+    if edit:
+        edit(index["images"])
+    (root / "images").mkdir(parents=True)
+    (root / "dataset_embedded.json").write_text(json.dumps(index))
+    (root / "nc-tiny-pretrained.pt").symlink_to(embedded / "nc-tiny-pretrained.pt")
+    for f in (embedded / "images").iterdir():
+        (root / "images" / f.name).symlink_to(f)
+    return root
+
+
+@pytest.mark.parametrize("cache", [[], ["--no-image-cache"]])
+def test_a_broken_test_image_stops_the_run_before_its_first_step(cache, embedded, fails_here, tmp_path):
+    root = _copy_of(embedded, tmp_path / "data")
+    whole = (embedded / "images" / "test_00007.png").read_bytes()
+    (root / "images" / "test_00007.png").unlink()
+    (root / "images" / "test_00007.png").write_bytes(whole[:len(whole) // 2])  # its header opens
+    fails_here("baseline.py", "--data-root", root, "--out-dir", "o", *cache, "--epochs", "1",
+               "--batch-size", "48", words=["cannot read image", "test_00007.png"])
+    assert not (tmp_path / "o" / "last.pt").exists()  # before the fix: after the last epoch, at the test
+
+
+def test_a_test_split_too_small_to_rank_is_refused(embedded, fails_here, tmp_path):
+    def ten_test_images(images):
+        images[:] = [im for im in images if im["split"] != "test"] + [im for im in images
+                                                                       if im["split"] == "test"][:10]
+    root = _copy_of(embedded, tmp_path / "data", ten_test_images)
+    words = ["the test split has 10 image(s)", "recall@10", "at least 11"]
+    fails_here("eval.py", "--data-root", root, words=words)  # before the fix: rSum 600-like figures
+    fails_here("baseline.py", "--data-root", root, "--out-dir", "o", "--epochs", "1", "--batch-size", "48",
+               words=words)
+
+
+def test_an_image_in_train_and_test_is_refused_and_a_repeated_image_is_named(embedded, fails_here, tmp_path):
+    def leak(images):
+        train = [im for im in images if im["split"] == "train"]
+        dev = [im for im in images if im["split"] == "val"]
+        images += [dict(train[0], split="test"), dict(train[1]), dict(dev[0], split="test")]
+    root = _copy_of(embedded, tmp_path / "data", leak)
+    out = fails_here("baseline.py", "--data-root", root, "--out-dir", "o", "--epochs", "1",
+                     "--batch-size", "48", words=["1 image(s) of the test split are also in the train split",
+                                                  "train_00000.png"])
+    assert "warning: 1 image(s) of the train split are listed more than once, first: " in out
+    assert "train_00001.png" in out and "in both the dev and the test split" in out
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--lam", "0.5"], ["--lam does nothing here", "--warmup-epochs 1", "--epochs is 1"]),
+    (["--learned-margin"], ["--learned-margin does nothing here"]),
+    (["--replace-above=0.9"], ["--replace-above does nothing here"]),
+    (["--concepts", "500"], ["--concepts 500: the vocabulary has", "give at most"]),
+    (["--min-count", "100000"], ["--min-count 100000 leaves no concept", "give a lower --min-count"]),
+])
+def test_nlip_flags_that_would_do_nothing_are_refused(argv, words, embedded, fails_here, tmp_path):
+    fails_here("nlip.py", "--data-root", embedded, "--out-dir", "o", "--epochs", "1", "--batch-size", "48",
+               *argv, words=words)
+    assert not (tmp_path / "o" / "last.pt").exists()
