@@ -197,7 +197,9 @@ def zero_shot(clip, img, root, tokenizer, device):
 # as measured in shared/EMBEDDED.md
 PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 1e-3, "wd": 0.1, "warmup": 100}
 # the CPU threads of the pre-training, whatever the machine: the order of a product's sums depends on the
-# threads, so 1 and 2 threads gave two different builds (zero-shot rSum 227.1 both, other recalls)
+# threads, so 1 and 2 threads gave two different builds (zero-shot rSum 227.1 both, other recalls). It also
+# depends on the CPU's vector kernels: three machines built three different weights (the README's results),
+# and pinning the kernels to AVX2 did not make an Intel and an AMD build agree, so the sha256 names a build.
 PRETRAIN_THREADS = 2
 
 
