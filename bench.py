@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parent
 # forward-equivalents a pair against a plain step's 3); then variants of NPC and NLIP
 METHODS = {"clean": ["baseline.py", "--clean-only"], "baseline": ["baseline.py"], "npc": ["npc.py"],
            "sdd": ["sdd.py"], "nlip": ["nlip.py"], "baseline-long": ["baseline.py"],
-           "npc-refresh": ["npc.py", "--refresh-bank"], "npc-w1": ["npc.py", "--no-lookahead"],
+           "npc-fixed": ["npc.py", "--fixed-bank"], "npc-w1": ["npc.py", "--no-lookahead"],
            "nlip-learned": ["nlip.py", "--learned-margin"], "nlip-syn0": ["nlip.py", "--synthetic-lam", "0"],
            "nlip-syn0.5": ["nlip.py", "--synthetic-lam", "0.5"],
            "nlip-warm0": ["nlip.py", "--warmup-epochs", "0"]}

@@ -72,18 +72,20 @@ RUN = ["--noise", "0.4", "--epochs", "2", "--batch-size", "48", "--warmup", "5",
 
 
 @pytest.fixture(scope="module")
-def paper_run(embedded, tmp_path_factory):
-    """The out-dir of a 2-epoch npc.py run in the paper's form."""
+def default_run(embedded, tmp_path_factory):
+    """The out-dir of a 2-epoch npc.py run at its defaults: the paper's loss, the bank rebuilt each epoch."""
     out = tmp_path_factory.mktemp("npc")
     p = run_script("npc.py", "--data-root", embedded, "--out-dir", out, *RUN)
     assert p.returncode == 0, p.stderr
     return out
 
 
-def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(paper_run):
-    tmp_path = paper_run
+def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(default_run):
+    tmp_path = default_run
     log = (tmp_path / "log.txt").read_text()
     assert "memory bank: clean set" in log and "epoch 2/2" in log and "test (best dev epoch" in log
+    assert "epoch 1/2  memory bank: the starting model's" in log
+    assert "epoch 2/2  memory bank: rebuilt from the model of epoch 1" in log  # by default (before: fixed)
     res = json.loads((tmp_path / "results.json").read_text())
     bank = res["memory_bank"]
     assert res["method"] == "npc" and bank["precision"] > 0.8
@@ -95,23 +97,24 @@ def test_npc_runs_end_to_end_and_weights_noisy_pairs_down(paper_run):
     assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
 
 
-def test_official_loss_trains_otherwise_and_resume_rebuilds_the_bank(embedded, paper_run, tmp_path):
-    argv = ["--data-root", embedded, *RUN, "--official-loss"]
+def test_official_loss_trains_otherwise_and_resume_rebuilds_the_fixed_bank(embedded, default_run, tmp_path):
+    argv = ["--data-root", embedded, *RUN, "--official-loss", "--fixed-bank"]
     stop_after_first_epoch("npc.py", tmp_path, *argv)
     p = run_script("npc.py", *argv, "--out-dir", tmp_path, "--resume")
     assert p.returncode == 0, p.stderr
     log = (tmp_path / "log.txt").read_text()
-    assert log.count("memory bank: clean set") == 2 and "memory bank rebuilt" in log
+    assert log.count("memory bank: clean set") == 2 and "memory bank rebuilt" in log  # --fixed-bank: no other
     banks = [line for line in log.splitlines() if line.startswith("memory bank: clean set")]
     assert banks[0] == banks[1]  # rebuilt identically from the starting model
+    assert "epoch 2/2  memory bank: the starting model's" in log
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "npc-official-loss" and [h["epoch"] for h in res["history"]] == [0, 1, 2]
-    # the same bank and batches as the paper's form, but other weights: the collapsed w and the
+    # the same starting bank as the default run, but other weights: the collapsed w and the
     # constant memory term
-    paper_log = (paper_run / "log.txt").read_text().splitlines()
-    assert banks[0] == next(line for line in paper_log if line.startswith("memory bank"))
+    default_log = (default_run / "log.txt").read_text().splitlines()
+    assert banks[0] == next(line for line in default_log if line.startswith("memory bank"))
     official, paper = (torch.load(out / "last.pt", weights_only=True)["model"]
-                       for out in (tmp_path, paper_run))
+                       for out in (tmp_path, default_run))
     assert max((official[k] - paper[k]).abs().max().item() for k in paper) > 1e-2
     refused = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, "--batch-size", "48",
                          "--resume")
@@ -120,9 +123,9 @@ def test_official_loss_trains_otherwise_and_resume_rebuilds_the_bank(embedded, p
     assert refused.returncode == 2 and refused.stderr.strip() == want
 
 
-def test_no_lookahead_weighs_1_refresh_rebuilds_the_bank_and_a_small_clean_set_warns(embedded, tmp_path):
+def test_no_lookahead_weighs_1_the_bank_is_rebuilt_and_a_small_clean_set_warns(embedded, tmp_path):
     p = run_script("npc.py", "--data-root", embedded, "--out-dir", tmp_path, *RUN, "--no-lookahead",
-                   "--refresh-bank", "--bank-threshold", "0.98")
+                   "--bank-threshold", "0.98")
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["method"] == "npc-no-lookahead"
@@ -140,14 +143,13 @@ def test_no_lookahead_weighs_1_refresh_rebuilds_the_bank_and_a_small_clean_set_w
 
 
 def test_a_refreshed_bank_reaches_the_batches_whatever_the_workers(embedded, tmp_path):
-    """--refresh-bank rebuilds the bank in the main process; persistent DataLoader workers hold their own copy
+    """The bank is rebuilt in the main process; persistent DataLoader workers hold their own copy
     of the dataset, so before the fix epoch 2 at --workers 2 served the starting model's bank. The batches
     must carry the refreshed bank's memory pairs, and 2 workers must train as 0 do."""
     runs_ = {}
     for workers in (0, 2):
         out = tmp_path / f"workers{workers}"
-        p = run_script("npc.py", "--data-root", embedded, "--out-dir", out, *RUN, "--refresh-bank",
-                       "--workers", workers)
+        p = run_script("npc.py", "--data-root", embedded, "--out-dir", out, *RUN, "--workers", workers)
         assert p.returncode == 0, p.stderr
         runs_[workers] = json.loads((out / "results.json").read_text())["history"][1:]
         assert "epoch 2/2  memory bank: rebuilt from the model of epoch 1" in p.stdout
@@ -157,6 +159,20 @@ def test_a_refreshed_bank_reaches_the_batches_whatever_the_workers(embedded, tmp
         assert at_2["memory_bank"] == at_0["memory_bank"]
         for key in ("loss", "w_mean", "w_std", "w_below_1", "memory_noisy"):
             assert at_2[key] == pytest.approx(at_0[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_resume_rebuilds_the_bank_as_the_uninterrupted_run_did(embedded, default_run, tmp_path):
+    """Killed after epoch 1 and resumed: the starting model's bank, then the resumed model's, as default_run
+    had them, so the run ends as default_run did."""
+    argv = ["--data-root", embedded, *RUN]
+    stop_after_first_epoch("npc.py", tmp_path, *argv)
+    p = run_script("npc.py", *argv, "--out-dir", tmp_path, "--resume")
+    assert p.returncode == 0, p.stderr
+    want, got = (json.loads((out / "results.json").read_text()) for out in (default_run, tmp_path))
+    assert got["history"][2]["memory_bank"] == want["history"][2]["memory_bank"] != want["memory_bank"]
+    for key in ("loss", "w_mean", "dev"):
+        assert got["history"][2][key] == want["history"][2][key], key
+    assert got["test"] == want["test"]
 
 
 def test_an_empty_memory_bank_is_a_one_line_error(embedded, tmp_path):
